@@ -1,0 +1,43 @@
+"""The one duration syntax used everywhere: ``250ms``, ``30s``, ``10m``, ``1h30m``, ``7d``.
+
+Units, largest first: ``d``, ``h``, ``m``, ``s``, ``ms``. Each unit at most once, in that order,
+like Prometheus durations. A bare number is refused: "10" is ambiguous.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+from outcomewatch.errors import DurationError
+
+_UNITS_MS = {"d": 86_400_000, "h": 3_600_000, "m": 60_000, "s": 1_000, "ms": 1}
+_PATTERN = re.compile(
+    r"^(?:(?P<d>\d+)d)?(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m(?!s))?(?:(?P<s>\d+)s)?(?:(?P<ms>\d+)ms)?$"
+)
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse ``text`` into a positive timedelta; raise DurationError naming the bad input."""
+    match = _PATTERN.match(text.strip()) if isinstance(text, str) else None
+    if not match or not any(match.groupdict().values()):
+        raise DurationError(
+            f"invalid duration {text!r}: use a number with a unit, like 250ms, 30s, 10m, 1h30m, 7d"
+        )
+    total_ms = sum(int(v) * _UNITS_MS[k] for k, v in match.groupdict().items() if v)
+    if total_ms <= 0:
+        raise DurationError(f"invalid duration {text!r}: must be greater than zero")
+    return timedelta(milliseconds=total_ms)
+
+
+def format_duration(value: timedelta) -> str:
+    """Render ``value`` in the same syntax (the inverse of parse_duration for whole ms)."""
+    remaining = int(value / timedelta(milliseconds=1))
+    if remaining == 0:
+        return "0s"
+    parts = []
+    for unit, size in _UNITS_MS.items():
+        count, remaining = divmod(remaining, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts)

@@ -1,0 +1,104 @@
+"""Value types shared by every part of outcomewatch. No I/O here.
+
+Closed sets are StrEnums so that a status is never a bare string checked by hand; the values are
+what the API and the database show.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+AttributeValue = str | bool | int | float | list[Any] | dict[str, Any] | None
+
+
+class SpanStatus(StrEnum):
+    UNSET = "unset"
+    OK = "ok"
+    ERROR = "error"
+
+    @classmethod
+    def from_code(cls, code: int) -> SpanStatus:
+        """OTLP Status.code (0 unset, 1 ok, 2 error); unknown codes read as unset."""
+        return _STATUS_BY_CODE.get(code, cls.UNSET)
+
+
+_STATUS_BY_CODE = {0: SpanStatus.UNSET, 1: SpanStatus.OK, 2: SpanStatus.ERROR}
+STATUS_CODE = {status: code for code, status in _STATUS_BY_CODE.items()}
+
+SPAN_KINDS = ("unspecified", "internal", "server", "client", "producer", "consumer")
+
+
+def span_kind_name(kind: int) -> str:
+    return SPAN_KINDS[kind] if 0 <= kind < len(SPAN_KINDS) else "unspecified"
+
+
+class RunStatus(StrEnum):
+    OPEN = "open"
+    PASSED = "passed"
+    FAILED = "failed"
+
+
+class IncidentStatus(StrEnum):
+    OPEN = "open"
+    ACKNOWLEDGED = "acknowledged"
+    RESOLVED = "resolved"
+
+
+class Severity(StrEnum):
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+class FailureReason(StrEnum):
+    """Why a run failed: the trace went quiet, or the rule's own deadline passed."""
+
+    TRACE_IDLE = "trace_idle"
+    DEADLINE = "deadline"
+
+
+@dataclass(frozen=True, slots=True)
+class SpanEvent:
+    name: str
+    time_ns: int
+    attributes: Mapping[str, AttributeValue]
+
+
+@dataclass(frozen=True, slots=True)
+class SpanLink:
+    trace_id: str
+    span_id: str
+    attributes: Mapping[str, AttributeValue]
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """One span, fully decoded. Ids are lowercase hex (32 chars trace, 16 chars span)."""
+
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+    name: str
+    service: str
+    kind: int
+    start_ns: int
+    end_ns: int
+    status: SpanStatus
+    status_message: str
+    attributes: Mapping[str, AttributeValue] = field(default_factory=dict)
+    resource: Mapping[str, AttributeValue] = field(default_factory=dict)
+    events: tuple[SpanEvent, ...] = ()
+    links: tuple[SpanLink, ...] = ()
+    scope: str = ""
+
+    def lookup(self, key: str) -> AttributeValue:
+        """The attribute ``key`` of the span, else of its resource, else None."""
+        if key in self.attributes:
+            return self.attributes[key]
+        return self.resource.get(key)
+
+    def has(self, key: str) -> bool:
+        return key in self.attributes or key in self.resource

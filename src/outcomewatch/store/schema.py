@@ -1,0 +1,77 @@
+"""The DuckDB schema. Times are TIMESTAMPTZ (UTC) for runs and incidents, and unix nanoseconds
+(BIGINT) for spans, as OTLP gives them.
+
+``spans`` is append-only: a retried export stores a span twice, so reads de-duplicate by
+(trace_id, span_id). ``span`` and ``resource`` are the serialised OTLP protobuf messages: they
+keep attributes, events and links without decoding them at ingest (see outcomewatch.otlp).
+No PRIMARY KEY on spans: it would cost 20-30% of insert speed and duplicates are harmless.
+"""
+
+SCHEMA_VERSION = 1
+
+DDL = """
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+
+CREATE TABLE IF NOT EXISTS spans (
+    trace_id VARCHAR NOT NULL,
+    span_id VARCHAR NOT NULL,
+    parent_span_id VARCHAR NOT NULL,
+    name VARCHAR NOT NULL,
+    service VARCHAR NOT NULL,
+    scope VARCHAR NOT NULL,
+    kind TINYINT NOT NULL,
+    start_ns BIGINT NOT NULL,
+    end_ns BIGINT NOT NULL,
+    status_code TINYINT NOT NULL,
+    status_message VARCHAR NOT NULL,
+    received_ns BIGINT NOT NULL,
+    span BLOB NOT NULL,
+    resource BLOB NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS runs (
+    id VARCHAR PRIMARY KEY,
+    rule VARCHAR NOT NULL,
+    trace_id VARCHAR NOT NULL,
+    trigger_span_id VARCHAR NOT NULL,
+    status VARCHAR NOT NULL,
+    opened_at TIMESTAMPTZ NOT NULL,
+    deadline_at TIMESTAMPTZ,
+    closed_at TIMESTAMPTZ,
+    reason VARCHAR,
+    missing VARCHAR[] NOT NULL DEFAULT [],
+    incident_id BIGINT
+);
+
+CREATE SEQUENCE IF NOT EXISTS incident_ids START 1;
+
+CREATE TABLE IF NOT EXISTS incidents (
+    id BIGINT PRIMARY KEY DEFAULT nextval('incident_ids'),
+    rule VARCHAR NOT NULL,
+    status VARCHAR NOT NULL,
+    severity VARCHAR NOT NULL,
+    owner VARCHAR NOT NULL,
+    route VARCHAR NOT NULL,
+    opened_at TIMESTAMPTZ NOT NULL,
+    last_failure_at TIMESTAMPTZ NOT NULL,
+    failure_count INTEGER NOT NULL,
+    summary VARCHAR NOT NULL,
+    resolved_at TIMESTAMPTZ
+);
+
+-- One row per failed run of an incident. ``detail`` is JSON:
+-- {"error_spans": [{"name", "service", "span_id", "status_message",
+--                   "exceptions": [{"type", "message", "stacktrace"}]}],
+--  "evidence": {key: value}, "resource": {key: value}, "trigger": {span fields + attributes},
+--  "duration_ms": float}
+CREATE TABLE IF NOT EXISTS incident_failures (
+    incident_id BIGINT NOT NULL,
+    run_id VARCHAR NOT NULL,
+    rule VARCHAR NOT NULL,
+    trace_id VARCHAR NOT NULL,
+    failed_at TIMESTAMPTZ NOT NULL,
+    reason VARCHAR NOT NULL,
+    missing VARCHAR[] NOT NULL,
+    detail JSON NOT NULL
+);
+"""
