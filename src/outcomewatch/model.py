@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -102,3 +103,41 @@ class Span:
 
     def has(self, key: str) -> bool:
         return key in self.attributes or key in self.resource
+
+
+# What the engine decides, as values: the server persists them, the engine does no I/O.
+
+
+@dataclass(frozen=True, slots=True)
+class RunOpened:
+    run_id: str
+    rule: str
+    trace_id: str
+    trigger_span_id: str
+    opened_at: datetime
+    deadline_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class RunPassed:
+    run_id: str
+    rule: str
+    trace_id: str
+    opened_at: datetime
+    closed_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RunFailed:
+    run_id: str
+    rule: str
+    trace_id: str
+    trigger: Span
+    opened_at: datetime
+    closed_at: datetime
+    reason: FailureReason
+    missing: tuple[str, ...]
+    first_received_ns: int  # lower bound of the trace's received_ns, to narrow the evidence query
+
+
+RunEvent = RunOpened | RunPassed | RunFailed

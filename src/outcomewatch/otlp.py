@@ -12,7 +12,6 @@ Values are named by representation: ``pb_span`` is a protobuf message, ``span`` 
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -248,6 +247,9 @@ def parse_json(body: bytes) -> ExportTraceServiceRequest:
         document = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidPayload(f"invalid JSON: {exc}") from exc
+    except RecursionError as exc:
+        # A body like b"[" * 100_000 is cheap to send; it must be a 400, not a crash.
+        raise InvalidPayload("invalid JSON: nested too deeply") from exc
     if not isinstance(document, dict):
         raise InvalidPayload("invalid OTLP/JSON: the body must be a JSON object")
     for r, resource_spans in enumerate(_list(document, "resourceSpans", "resource_spans")):

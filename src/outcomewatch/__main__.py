@@ -1,0 +1,5 @@
+import sys
+
+from outcomewatch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,104 @@
+"""The incident file of one failed run, built from the whole stored trace.
+
+An on-call person should not have to search logs: the failure carries the error spans with their
+status messages and exception events, the green signals that looked healthy, the rule's evidence
+values, the resource attributes (service.version is the deploy, host.name the host) and the
+trigger span itself (its attributes are the retry context: the external ids to replay the work).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from outcomewatch.model import AttributeValue, RunFailed, Span, SpanStatus, span_kind_name
+from outcomewatch.rules import Rule
+
+_MAX_ERROR_SPANS = 20
+_MAX_GREEN_SIGNALS = 20
+
+
+def _exceptions(span: Span) -> list[dict[str, Any]]:
+    return [
+        {
+            "type": e.attributes.get("exception.type"),
+            "message": e.attributes.get("exception.message"),
+            "stacktrace": e.attributes.get("exception.stacktrace"),
+        }
+        for e in span.events
+        if e.name == "exception"
+    ]
+
+
+def _is_green(span: Span) -> bool:
+    """A span that looked healthy: status OK, or an HTTP 2xx answer."""
+    if span.status is SpanStatus.OK:
+        return True
+    code = span.attributes.get("http.response.status_code", span.attributes.get("http.status_code"))
+    return isinstance(code, int) and not isinstance(code, bool) and 200 <= code < 300
+
+
+def _span_summary(span: Span) -> dict[str, Any]:
+    return {
+        "name": span.name,
+        "service": span.service,
+        "span_id": span.span_id,
+        "kind": span_kind_name(span.kind),
+        "status": span.status.value,
+        "status_message": span.status_message,
+        "duration_ms": max(span.end_ns - span.start_ns, 0) / 1e6,
+    }
+
+
+def evidence_values(rule: Rule, trigger: Span, spans: Sequence[Span]) -> dict[str, AttributeValue]:
+    """The rule's evidence keys: from the trigger span, else any span of the trace, else the
+    resource attributes. Keys found nowhere are left out rather than reported as null."""
+    found: dict[str, AttributeValue] = {}
+    for key in rule.evidence:
+        if key in trigger.attributes:
+            found[key] = trigger.attributes[key]
+            continue
+        for span in spans:
+            if key in span.attributes:
+                found[key] = span.attributes[key]
+                break
+        else:
+            for span in [trigger, *spans]:
+                if key in span.resource:
+                    found[key] = span.resource[key]
+                    break
+    return found
+
+
+def failure_detail(rule: Rule, failure: RunFailed, spans: Sequence[Span]) -> dict[str, Any]:
+    """JSON-ready detail of one failed run (the ``detail`` column of incident_failures)."""
+    errors = [s for s in spans if s.status is SpanStatus.ERROR or any(
+        e.name == "exception" for e in s.events)]
+    green = [s for s in spans if _is_green(s)]
+    resource: dict[str, AttributeValue] = {}
+    for span in [failure.trigger, *spans]:
+        for key, value in span.resource.items():
+            resource.setdefault(key, value)
+    end = max((s.end_ns for s in spans), default=failure.trigger.end_ns)
+    return {
+        "error_spans": [
+            {**_span_summary(s), "exceptions": _exceptions(s)} for s in errors[:_MAX_ERROR_SPANS]
+        ],
+        "green_signals": [_span_summary(s) for s in green[:_MAX_GREEN_SIGNALS]],
+        "evidence": evidence_values(rule, failure.trigger, spans),
+        "resource": resource,
+        "trigger": {
+            **_span_summary(failure.trigger),
+            "trace_id": failure.trigger.trace_id,
+            "attributes": dict(failure.trigger.attributes),
+        },
+        "duration_ms": max(end - failure.trigger.start_ns, 0) / 1e6,
+        "span_count": len(spans),
+    }
+
+
+def failure_summary(rule: Rule, failure: RunFailed) -> str:
+    """One line for lists and notifications."""
+    missing = ", ".join(failure.missing) or "nothing"
+    why = "its deadline passed" if failure.reason == "deadline" else "the trace went idle"
+    return f"{rule.name}: {missing} did not happen before {why}"

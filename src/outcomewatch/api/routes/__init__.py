@@ -1,0 +1,1 @@
+"""The API's routers: ``health`` (unversioned, for probes) and ``v1`` (mounted at /api/v1)."""

@@ -1,0 +1,162 @@
+"""OTLP/gRPC: ``opentelemetry.proto.collector.trace.v1.TraceService/Export`` on grpc.aio.
+
+The method is registered with a generic handler that receives raw bytes: grpc's own protobuf
+deserializer would answer a malformed request with INTERNAL/UNKNOWN and no useful message, while
+OTLP asks for INVALID_ARGUMENT saying what was wrong.
+
+Sizes: ``grpc.max_receive_message_length`` is checked by grpc-core on the message as received
+and again after its own gzip/deflate decompression, which it performs with a bounded output
+(grpc 1.85, measured: a 380 KiB message inflating to 400 MB is refused with RESOURCE_EXHAUSTED
+"Decompressed message larger than max" while the server's peak memory grows by ~2 MB).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+# googleapis-common-protos ships .pyi files but no py.typed marker.
+from google.rpc.error_details_pb2 import RetryInfo
+from google.rpc.status_pb2 import Status
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceResponse,
+)
+
+from outcomewatch import otlp
+from outcomewatch.errors import InvalidPayload, Overloaded, StoreError
+from outcomewatch.receiver.limits import (
+    Limits,
+    Sink,
+    retry_after_s,
+    retryable_message,
+    short_message,
+)
+
+logger = logging.getLogger(__name__)
+
+SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
+METHOD = "Export"
+
+# The OTel Python exporter reads the retry delay from this trailer; grpc-go based clients (the
+# Collector's exporter) read it from the RetryInfo detail of grpc-status-details-bin.
+RETRY_INFO_KEY = "google.rpc.retryinfo-bin"
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    code: grpc.StatusCode
+    message: str
+    trailers: tuple[tuple[str, bytes], ...] = ()
+
+
+def _retry_trailers(message: str, delay_s: int) -> tuple[tuple[str, bytes], ...]:
+    retry_info = RetryInfo()
+    retry_info.retry_delay.seconds = delay_s
+    status = Status(code=grpc.StatusCode.UNAVAILABLE.value[0], message=message)
+    status.details.add().Pack(retry_info)
+    return (
+        (RETRY_INFO_KEY, retry_info.SerializeToString()),
+        (STATUS_DETAILS_KEY, status.SerializeToString()),
+    )
+
+
+class _TraceService:
+    def __init__(self, sink: Sink, clock_ns: Callable[[], int]) -> None:
+        self._sink = sink
+        self._clock_ns = clock_ns
+
+    async def export(
+        self, request: bytes, context: grpc.aio.ServicerContext
+    ) -> ExportTraceServiceResponse:
+        # The refusal is decided inside _accept's try block but answered out here, so that the
+        # exception context.abort() raises is never swallowed by the catch-all there.
+        result = await self._accept(request)
+        if isinstance(result, _Refusal):
+            await context.abort(result.code, result.message, result.trailers)
+            raise AssertionError("unreachable: context.abort() raises")
+        return result
+
+    async def _accept(self, request: bytes) -> ExportTraceServiceResponse | _Refusal:
+        """Decode, hand to the sink, and build the response, or say why the export is refused."""
+        try:
+            batch = otlp.batch_from_request(
+                otlp.parse_protobuf(request), received_ns=self._clock_ns()
+            )
+            if len(batch):
+                await self._sink(batch)
+        except InvalidPayload as exc:
+            return _Refusal(grpc.StatusCode.INVALID_ARGUMENT, short_message(exc))
+        except (Overloaded, StoreError) as exc:
+            # UNAVAILABLE for both: every OTLP exporter retries it, while RESOURCE_EXHAUSTED is
+            # retried only when it carries RetryInfo, and not by all exporters.
+            message = retryable_message(exc, transport="OTLP/gRPC")
+            return _Refusal(
+                grpc.StatusCode.UNAVAILABLE, message, _retry_trailers(message, retry_after_s(exc))
+            )
+        except Exception as exc:
+            # A bug in a sink or in decoding must cost one request, never the server.
+            logger.exception("unexpected error while accepting an OTLP/gRPC export")
+            return _Refusal(
+                grpc.StatusCode.INTERNAL,
+                f"internal error ({type(exc).__name__}) while accepting spans; see the server log",
+            )
+        response = ExportTraceServiceResponse()
+        if batch.rejected:
+            response.partial_success.rejected_spans = batch.rejected
+            response.partial_success.error_message = batch.rejection_message
+        return response
+
+
+def _address(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]:{port}"  # an IPv6 literal
+    return f"{host}:{port}"
+
+
+async def start_grpc_receiver(
+    sink: Sink,
+    *,
+    host: str,
+    port: int,
+    limits: Limits,
+    clock_ns: Callable[[], int] = time.time_ns,
+) -> tuple[grpc.aio.Server, int]:
+    """Start an OTLP/gRPC trace receiver on the running asyncio loop.
+
+    Returns the started server (stop it with ``await server.stop(grace)``) and the port bound,
+    which is a free one when ``port`` is 0. Raises OSError when the address cannot be bound.
+    """
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limits.max_request_bytes),
+            # grpc sets SO_REUSEPORT by default on Linux: a second process on the same port
+            # would then bind "successfully" and silently take half the traffic.
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    service = _TraceService(sink, clock_ns)
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            METHOD: grpc.unary_unary_rpc_method_handler(
+                service.export,
+                request_deserializer=None,
+                response_serializer=ExportTraceServiceResponse.SerializeToString,
+            )
+        },
+    )
+    server.add_generic_rpc_handlers((handler,))
+    address = _address(host, port)
+    try:
+        bound_port = server.add_insecure_port(address)
+    except RuntimeError as exc:  # what grpc raises when the bind fails
+        await server.stop(None)
+        raise OSError(f"cannot bind the OTLP/gRPC receiver to {address}: {exc}") from exc
+    await server.start()
+    logger.info("OTLP/gRPC receiver listening on %s", _address(host, bound_port))
+    return server, int(bound_port)

@@ -1,0 +1,335 @@
+"""The DuckDB writer: one thread owns every write, fed by a bounded queue, committing in groups.
+
+Why one writer: DuckDB serialises writers anyway, and a single thread lets concurrent exports
+share one transaction (group commit) so an acknowledgement costs one commit, not one per request.
+Spans go in as one Arrow table per commit, never a row per INSERT.
+
+Contract: ``await store.append_spans(batch)`` returns once the spans are committed (the export
+may then be acknowledged); it raises Overloaded when the queue is full and StoreError when the
+database fails. Verdicts are stored with conditional updates (``WHERE status = 'open'``), so a
+verdict given twice (a restart, a re-sent trigger) is stored once and counted in an incident once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from outcomewatch.errors import Overloaded, StoreError
+from outcomewatch.model import RunFailed, RunOpened, RunPassed
+from outcomewatch.otlp import SpanBatch
+from outcomewatch.store.schema import DDL, SCHEMA_VERSION
+
+log = logging.getLogger(__name__)
+
+_SPAN_SCHEMA = pa.schema([
+    ("trace_id", pa.string()), ("span_id", pa.string()), ("parent_span_id", pa.string()),
+    ("name", pa.string()), ("service", pa.string()), ("scope", pa.string()),
+    ("kind", pa.int8()), ("start_ns", pa.int64()), ("end_ns", pa.int64()),
+    ("status_code", pa.int8()), ("status_message", pa.string()), ("received_ns", pa.int64()),
+    ("span", pa.binary()), ("resource", pa.binary()),
+])
+
+_RUN_SCHEMA = pa.schema([
+    ("id", pa.string()), ("rule", pa.string()), ("trace_id", pa.string()),
+    ("trigger_span_id", pa.string()), ("status", pa.string()),
+    ("opened_at", pa.timestamp("us", tz="UTC")), ("deadline_at", pa.timestamp("us", tz="UTC")),
+])
+
+_MAX_GROUP = 256  # jobs per transaction; bounds the latency one commit adds
+_CHECKPOINT_EVERY_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class IncidentFacts:
+    """What the incident row needs from the rule, without the store importing rules."""
+
+    severity: str
+    owner: str
+    route: str
+    summary: str
+
+
+@dataclass
+class _Job:
+    spans: SpanBatch | None = None
+    opened: Sequence[RunOpened] = ()
+    passed: Sequence[RunPassed] = ()
+    failed: tuple[RunFailed, IncidentFacts, dict[str, Any]] | None = None
+    done: Callable[[BaseException | int | None], None] | None = None
+
+
+def _no_op(_: BaseException | int | None) -> None:
+    return None
+
+
+class Store:
+    """Owns the database file: schema, the writer thread, and the connection readers cursor from."""
+
+    def __init__(self, path: str, *, max_queue: int = 1024) -> None:
+        try:
+            self.conn = duckdb.connect(path)
+            # Checkpoint on our own schedule: the automatic one every 16 MB of WAL stalls inserts.
+            self.conn.execute("SET checkpoint_threshold = '256MB'")
+            self.conn.execute("SET TimeZone = 'UTC'")
+            self.conn.execute(DDL)
+            if self.conn.execute("SELECT count(*) FROM schema_version").fetchone() == (0,):
+                self.conn.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
+        except duckdb.Error as exc:
+            raise StoreError(f"cannot open database {path}: {exc}") from exc
+        self._max_queue = max_queue
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._writer = self.conn.cursor()
+        self._thread = threading.Thread(target=self._run, name="duckdb-writer", daemon=True)
+        self._thread.start()
+        self.healthy = True
+
+    # -- submitting work ------------------------------------------------------------------
+
+    def _submit(self, job: _Job) -> None:
+        # Only incoming spans are refused when the writer falls behind (the exporter retries
+        # them); verdicts are never refused, and their number is bounded by the open runs.
+        if job.spans is not None and self._queue.qsize() >= self._max_queue:
+            raise Overloaded("storage queue is full", retry_after_s=1.0)
+        self._queue.put_nowait(job)
+
+    async def _submit_and_wait(self, job: _Job) -> BaseException | int | None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[BaseException | int | None] = loop.create_future()
+
+        def done(result: BaseException | int | None) -> None:
+            loop.call_soon_threadsafe(_settle, future, result)
+
+        job.done = done
+        self._submit(job)
+        result = await future
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    async def append_spans(self, batch: SpanBatch) -> None:
+        """Commit ``batch``; return only once it is durable."""
+        await self._submit_and_wait(_Job(spans=batch))
+
+    def record_runs(self, opened: Sequence[RunOpened], passed: Sequence[RunPassed]) -> None:
+        """Queue opened and passed runs; FIFO order keeps an open before its verdict."""
+        if opened or passed:
+            self._submit(_Job(opened=opened, passed=passed, done=_log_failure))
+
+    async def record_failure(
+        self, failure: RunFailed, facts: IncidentFacts, detail: dict[str, Any]
+    ) -> int | None:
+        """Store a failed verdict and count it in the rule's open incident (opening one if there
+        is none). Returns the incident id, or None if the run already had a verdict."""
+        result = await self._submit_and_wait(_Job(failed=(failure, facts, detail)))
+        assert not isinstance(result, BaseException)
+        return result
+
+    def close(self) -> None:
+        """Finish queued work, checkpoint, and close the file."""
+        self._queue.put(None)
+        self._thread.join()
+        self._checkpoint()
+        self._writer.close()
+        self.conn.close()
+
+    # -- the writer thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        last_checkpoint = time.monotonic()
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            jobs = [job]
+            stop = False
+            while len(jobs) < _MAX_GROUP:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                jobs.append(more)
+            self._commit_group(jobs)
+            if stop:
+                return
+            if self._queue.empty() and time.monotonic() - last_checkpoint > _CHECKPOINT_EVERY_S:
+                # Only when idle: a checkpoint holds the writer, so it waits for a quiet moment.
+                self._checkpoint()
+                last_checkpoint = time.monotonic()
+
+    def _checkpoint(self) -> None:
+        try:
+            self._writer.execute("CHECKPOINT")
+        except duckdb.Error as exc:
+            log.warning("checkpoint failed: %s", exc)
+
+    def _commit_group(self, jobs: list[_Job]) -> None:
+        try:
+            results = self._apply(jobs)
+        except Exception:
+            # One bad job must not fail the others: retry each in a transaction of its own.
+            log.warning("group commit of %d jobs failed; retrying one by one", len(jobs))
+            for job in jobs:
+                try:
+                    (result,) = self._apply([job])
+                except Exception as exc:
+                    self.healthy = False
+                    (job.done or _no_op)(StoreError(f"database write failed: {exc}"))
+                else:
+                    self.healthy = True
+                    (job.done or _no_op)(result)
+            return
+        self.healthy = True
+        for job, result in zip(jobs, results, strict=True):
+            (job.done or _no_op)(result)
+
+    def _apply(self, jobs: list[_Job]) -> list[int | None]:
+        db = self._writer
+        db.begin()
+        try:
+            batches = [j.spans for j in jobs if j.spans is not None and len(j.spans)]
+            if batches:
+                self._insert_spans(batches)
+            opened = [r for j in jobs for r in j.opened]
+            if opened:
+                self._insert_opened(opened)
+            for job in jobs:
+                for run in job.passed:
+                    db.execute(
+                        "UPDATE runs SET status = 'passed', closed_at = ?, missing = [] "
+                        "WHERE id = ? AND status = 'open'",
+                        [run.closed_at, run.run_id],
+                    )
+            results = [self._insert_failure(*j.failed) if j.failed else None for j in jobs]
+            db.commit()
+        except BaseException:
+            db.rollback()
+            raise
+        return results
+
+    def _insert_spans(self, batches: list[SpanBatch]) -> None:
+        def column(name: str) -> list[Any]:
+            return [v for b in batches for v in getattr(b, name)]
+
+        received = [b.received_ns for b in batches for _ in range(len(b))]
+        incoming = pa.Table.from_arrays(
+            [
+                column("trace_id"), column("span_id"), column("parent_span_id"), column("name"),
+                column("service"), column("scope"), column("kind"), column("start_ns"),
+                column("end_ns"), column("status_code"), column("status_message"), received,
+                column("raw"), column("raw_resource"),
+            ],
+            schema=_SPAN_SCHEMA,
+        )
+        self._writer.register("incoming_spans", incoming)
+        try:
+            self._writer.execute("INSERT INTO spans SELECT * FROM incoming_spans")
+        finally:
+            self._writer.unregister("incoming_spans")
+
+    def _insert_opened(self, opened: list[RunOpened]) -> None:
+        incoming = pa.Table.from_pylist(
+            [
+                {"id": r.run_id, "rule": r.rule, "trace_id": r.trace_id,
+                 "trigger_span_id": r.trigger_span_id, "status": "open",
+                 "opened_at": r.opened_at, "deadline_at": r.deadline_at}
+                for r in opened
+            ],
+            schema=_RUN_SCHEMA,
+        )
+        self._writer.register("incoming_runs", incoming)
+        try:
+            self._writer.execute(
+                "INSERT INTO runs (id, rule, trace_id, trigger_span_id, status, opened_at, "
+                "deadline_at) SELECT * FROM incoming_runs ON CONFLICT DO NOTHING"
+            )
+        finally:
+            self._writer.unregister("incoming_runs")
+
+    def _insert_failure(
+        self, failure: RunFailed, facts: IncidentFacts, detail: dict[str, Any]
+    ) -> int | None:
+        db = self._writer
+        # The run may never have been stored as open (crash between); make sure it exists.
+        db.execute(
+            "INSERT INTO runs (id, rule, trace_id, trigger_span_id, status, opened_at) "
+            "VALUES (?, ?, ?, ?, 'open', ?) ON CONFLICT DO NOTHING",
+            [failure.run_id, failure.rule, failure.trace_id, failure.trigger.span_id,
+             failure.opened_at],
+        )
+        claimed = db.execute(
+            "UPDATE runs SET status = 'failed', closed_at = ?, reason = ?, missing = ? "
+            "WHERE id = ? AND status = 'open' RETURNING id",
+            [failure.closed_at, failure.reason.value, list(failure.missing), failure.run_id],
+        ).fetchone()
+        if claimed is None:
+            return None
+        row = db.execute(
+            "UPDATE incidents SET failure_count = failure_count + 1, last_failure_at = ?, "
+            "summary = ? WHERE rule = ? AND status IN ('open', 'acknowledged') RETURNING id",
+            [failure.closed_at, facts.summary, failure.rule],
+        ).fetchone()
+        if row is None:
+            row = db.execute(
+                "INSERT INTO incidents (rule, status, severity, owner, route, opened_at, "
+                "last_failure_at, failure_count, summary) VALUES (?, 'open', ?, ?, ?, ?, ?, 1, ?) "
+                "RETURNING id",
+                [failure.rule, facts.severity, facts.owner, facts.route, failure.closed_at,
+                 failure.closed_at, facts.summary],
+            ).fetchone()
+        assert row is not None
+        incident_id = int(row[0])
+        db.execute("UPDATE runs SET incident_id = ? WHERE id = ?", [incident_id, failure.run_id])
+        db.execute(
+            "INSERT INTO incident_failures VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [incident_id, failure.run_id, failure.rule, failure.trace_id, failure.closed_at,
+             failure.reason.value, list(failure.missing), json.dumps(detail, default=str)],
+        )
+        return incident_id
+
+    # -- reads the analyzer needs ---------------------------------------------------------
+
+    def trace_spans_since(self, trace_id: str, since_ns: int) -> list[tuple[bytes, bytes, str]]:
+        """Stored (span, resource, scope) blobs of a trace received at or after ``since_ns``.
+
+        The received_ns bound lets DuckDB skip row groups by their min/max (zone maps): trace
+        ids are random, so without it every lookup would scan the whole table."""
+        cursor = self.conn.cursor()
+        try:
+            rows = cursor.execute(
+                "SELECT span, resource, scope FROM spans WHERE received_ns >= ? AND trace_id = ? "
+                "QUALIFY row_number() OVER (PARTITION BY span_id ORDER BY received_ns) = 1 "
+                "ORDER BY start_ns",
+                [since_ns, trace_id],
+            ).fetchall()
+        finally:
+            cursor.close()
+        return [(bytes(r[0]), bytes(r[1]), str(r[2])) for r in rows]
+
+
+
+def _settle(future: asyncio.Future[BaseException | int | None],
+            result: BaseException | int | None) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _log_failure(result: BaseException | int | None) -> None:
+    if isinstance(result, BaseException):
+        log.error("storing run verdicts failed: %s", result)
+
+
+__all__ = ["IncidentFacts", "Store"]
