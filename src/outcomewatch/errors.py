@@ -35,14 +35,18 @@ class DurationError(OutcomewatchError, ValueError):
 
 @dataclass(frozen=True)
 class Problem:
-    """One error in a rule file, located as precisely as the YAML allows."""
+    """One error in a rule file, located as precisely as the YAML allows.
+
+    ``line`` and ``column`` are 1-based; ``column`` is 1 when only the line is known.
+    """
 
     file: str
     line: int
     message: str
+    column: int = 1
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.message}"
+        return f"{self.file}:{self.line}:{self.column}: {self.message}"
 
 
 class RuleError(OutcomewatchError):

@@ -28,8 +28,8 @@ from starlette.types import ASGIApp
 from outcomewatch.analyzer.engine import Engine
 from outcomewatch.analyzer.evidence import failure_detail, failure_summary
 from outcomewatch.api.app import create_app
-from outcomewatch.clock import Clock, system_clock
-from outcomewatch.model import RunFailed, RunOpened, RunPassed
+from outcomewatch.clock import Clock, system_clock, to_ns
+from outcomewatch.model import RunEvent, RunFailed, RunOpened, RunPassed
 from outcomewatch.otlp import SpanBatch, decode_stored_span
 from outcomewatch.receiver.grpc import start_grpc_receiver
 from outcomewatch.receiver.http import create_http_receiver
@@ -107,6 +107,7 @@ class Server:
                         api_implementation.Type())
         Path(self.settings.db).parent.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.settings.db)
+        await self._recover()
         self._grpc, self.grpc_port = await start_grpc_receiver(
             self._ingest, host=self.settings.grpc.host, port=self.settings.grpc.port,
             limits=self.settings.limits,
@@ -122,6 +123,25 @@ class Server:
             self.settings.grpc.host, self.grpc_port, self.settings.http.host, self.http_port,
             self.settings.api.host, self.api_port, len(self.rules.rules),
         )
+
+    async def _recover(self) -> None:
+        """Rebuild live traces and open runs from the database, so that a restart (even after
+        kill -9) neither forgets a run nor gives a verdict twice: verdicts already stored are
+        skipped, and storing is idempotent (run ids are derived from the trigger span)."""
+        assert self.store is not None
+        since = to_ns(self.clock()) - int(self.settings.trace_idle.total_seconds() * 1e9)
+        rows = await asyncio.to_thread(self.store.recovery_spans, since)
+        if not rows:
+            return
+        spans = [(decode_stored_span(raw, res, scope=scope), received)
+                 for raw, res, scope, received in rows]
+        decided = await asyncio.to_thread(
+            self.store.decided_run_ids, sorted({span.trace_id for span, _ in spans}))
+        self.engine.forget_closed(decided)
+        events = self.engine.replay(spans)
+        self._record_runs(events)
+        log.info("recovered %d spans: %d live traces, %d open runs",
+                 len(spans), self.engine.live_traces, self.engine.open_runs)
 
     async def _serve_asgi(self, app: ASGIApp, address: Address) -> int:
         sock = _bind(address)
@@ -169,7 +189,10 @@ class Server:
         if not len(batch):
             return
         await self.store.append_spans(batch)
-        events = self.engine.observe(batch)
+        self._record_runs(self.engine.observe(batch))
+
+    def _record_runs(self, events: list[RunEvent]) -> None:
+        assert self.store is not None
         opened = [e for e in events if isinstance(e, RunOpened)]
         passed = [e for e in events if isinstance(e, RunPassed)]
         self.store.record_runs(opened, passed)

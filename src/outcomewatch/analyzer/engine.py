@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -114,20 +115,43 @@ class Engine:
             interest = self._interest.get(name) or self._interest_in(name)
             if interest is _NO_INTEREST:
                 continue
-            span = batch.decode(i)
-            live = self._live.get(span.trace_id)
-            if live is None:
-                live = _LiveTrace(span.trace_id, now, batch.received_ns)
-                self._live[span.trace_id] = live
-                self._schedule(live, now + self._idle)
-            if any(s.matches(span) for s in interest.outcomes):
-                live.candidates.append(span)
-                for run in list(live.runs.values()):
-                    self._satisfy(run, span, live, now, events)
-            for rule in interest.triggers:
-                if rule.trigger.matches(span):
-                    self._open(rule, span, live, now, events)
+            self._observe_span(batch.decode(i), interest, batch.received_ns, now, events)
         return events
+
+    def replay(self, spans: Iterable[tuple[Span, int]]) -> list[RunEvent]:
+        """Observe stored (span, received_ns) pairs again, in the order received: rebuilds live
+        traces and open runs after a restart. Runs already decided must first be passed to
+        ``forget_closed`` so that their re-read triggers open nothing."""
+        now = self._clock()
+        events: list[RunEvent] = []
+        for span, received_ns in spans:
+            live = self._live.get(span.trace_id)
+            if live is not None:
+                live.last_seen = now
+            interest = self._interest.get(span.name) or self._interest_in(span.name)
+            if interest is not _NO_INTEREST:
+                self._observe_span(span, interest, received_ns, now, events)
+        return events
+
+    def _observe_span(
+        self, span: Span, interest: _Interest, received_ns: int, now: datetime,
+        events: list[RunEvent],
+    ) -> None:
+        is_outcome = any(s.matches(span) for s in interest.outcomes)
+        triggered = [r for r in interest.triggers if r.trigger.matches(span)]
+        if not is_outcome and not triggered:
+            return
+        live = self._live.get(span.trace_id)
+        if live is None:
+            live = _LiveTrace(span.trace_id, now, received_ns)
+            self._live[span.trace_id] = live
+            self._schedule(live, now + self._idle)
+        if is_outcome:
+            live.candidates.append(span)
+            for run in list(live.runs.values()):
+                self._satisfy(run, span, live, now, events)
+        for rule in triggered:
+            self._open(rule, span, live, now, events)
 
     def _open(
         self, rule: Rule, trigger: Span, live: _LiveTrace, now: datetime, events: list[RunEvent]
@@ -137,8 +161,8 @@ class Engine:
             return
         deadline = None
         if rule.within is not None:
-            # From the trigger's start, but never before now: a client clock ahead of ours must
-            # not shorten the wait, and one behind it must not have already expired it.
+            # From the trigger's start (a root span is exported only when it ends, possibly long
+            # after it started), but a client clock ahead of ours must not extend the wait.
             started = min(datetime.fromtimestamp(trigger.start_ns / 1e9, now.tzinfo), now)
             deadline = started + rule.within
             self._schedule(live, deadline)

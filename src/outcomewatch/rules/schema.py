@@ -176,33 +176,109 @@ WhereValue = Annotated[
 
 
 class SelectorModel(_Strict):
-    """Which spans a trigger or an expectation matches; every key given must hold.
+    """Which spans a trigger or a forbidden outcome matches; every key given must hold.
 
     ``span`` and ``service`` are fnmatch globs (``*``, ``?``, ``[...]``), case-sensitive.
     """
 
-    span: StrictStr = Field(min_length=1)
-    service: StrictStr | None = Field(default=None, min_length=1)
-    status: SpanStatus | None = None
-    where: dict[Annotated[StrictStr, Field(min_length=1)], WhereValue] = Field(default_factory=dict)
+    span: StrictStr = Field(min_length=1, description="span name (glob)")
+    service: StrictStr | None = Field(
+        default=None, min_length=1, description="service.name resource attribute (glob)"
+    )
+    status: SpanStatus | None = Field(default=None, description="span status")
+    where: dict[Annotated[StrictStr, Field(min_length=1)], WhereValue] = Field(
+        default_factory=dict,
+        description="attribute key -> value (equality) or a mapping of operators",
+    )
+    duration: DurationBoundsModel | None = Field(
+        default=None, description="bounds on the span's duration (end - start)"
+    )
+
+
+class ExpectModel(SelectorModel):
+    """An expected outcome: a selector, plus how many matches it needs and when they count."""
+
+    count: CountModel | None = Field(
+        default=None, description="how many matching spans are needed (default: at least one)"
+    )
+    after: Literal["trigger"] | None = Field(
+        default=None, description="'trigger': only spans that start after the trigger started"
+    )
+
+
+EXPECT_ONLY = tuple(k for k in _keys_of(ExpectModel) if k not in _keys_of(SelectorModel))
 
 
 class RuleModel(_Strict):
-    name: Annotated[StrictStr, AfterValidator(_check_name)]
+    name: Annotated[StrictStr, AfterValidator(_check_name)] = Field(
+        description="unique rule name: lowercase letters, digits, '.', '_' and '-'"
+    )
     description: StrictStr = ""
     owner: StrictStr = ""
     route: StrictStr = ""
     severity: Severity = Severity.WARNING
-    trigger: SelectorModel
-    expect: list[SelectorModel] = Field(min_length=1)
-    within: Annotated[StrictStr, AfterValidator(_check_duration)] | None = None
-    evidence: list[StrictStr] = Field(default_factory=list)
+    trigger: SelectorModel = Field(description="the span that opens a run of this rule")
+    expect: list[ExpectModel] = Field(
+        min_length=1, description="outcomes that must all be observed for the run to pass"
+    )
+    forbid: list[SelectorModel] = Field(
+        default_factory=list,
+        min_length=1,
+        description="spans that fail the run as soon as one is seen in the trace",
+    )
+    within: Duration | None = Field(
+        default=None, description="deadline for the expected outcomes, from the trigger's start"
+    )
+    max_duration: Duration | None = Field(
+        default=None, description="longest allowed time from trigger start to the last outcome"
+    )
+    correlate: CorrelateModel | None = Field(
+        default=None, description="also accept outcomes from other traces (needs 'within')"
+    )
+    group_by: AttributeKeys | None = Field(
+        default=None, description="attributes of the trigger: one open incident per value set"
+    )
+    schedule: ScheduleModel | None = Field(
+        default=None, description="when the trigger must happen; a missed start is a failure"
+    )
+    evidence: list[StrictStr] = Field(
+        default_factory=list, description="attributes copied into an incident as evidence"
+    )
+
+    @model_validator(mode="after")
+    def _correlate_needs_within(self) -> RuleModel:
+        if self.correlate is not None and self.within is None:
+            raise PydanticCustomError(
+                "correlate_without_within",
+                "a rule with 'correlate' must give 'within' "
+                "(how long to wait for outcomes from other traces)",
+                {AT: "correlate"},
+            )
+        return self
 
 
 class RuleFileModel(_Strict):
     """The whole file: a mapping with one key, ``rules``."""
 
+    model_config = ConfigDict(title="outcomewatch rule file")
+
     rules: list[RuleModel]
+
+
+class _FileSchema(GenerateJsonSchema):
+    def tagged_union_schema(self, schema: TaggedUnionSchema) -> JsonSchemaValue:
+        # Members are told apart by Python type; in JSON Schema an integer is also a "number",
+        # so "oneOf" would refuse every integer. "anyOf" says the same thing without that trap.
+        generated = super().tagged_union_schema(schema)
+        if "oneOf" in generated:
+            generated["anyOf"] = generated.pop("oneOf")
+        return generated
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of a rule file, for editors (YAML language servers) and CI validators."""
+    generated = RuleFileModel.model_json_schema(schema_generator=_FileSchema)
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **generated}
 
 
 def keys_at(loc: tuple[str | int, ...]) -> tuple[str, ...]:

@@ -302,6 +302,34 @@ class Store:
 
     # -- reads the analyzer needs ---------------------------------------------------------
 
+    def recovery_spans(self, since_ns: int) -> list[tuple[bytes, bytes, str, int]]:
+        """What a restart must observe again: every span of a trace with an open run, and
+        every span received since ``since_ns`` (traces that may not have gone idle yet), as
+        (span, resource, scope, received_ns) in the order received."""
+        cursor = self.conn.cursor()
+        try:
+            rows = cursor.execute(
+                "SELECT span, resource, scope, received_ns FROM spans WHERE received_ns >= ? "
+                "OR trace_id IN (SELECT trace_id FROM runs WHERE status = 'open') "
+                "ORDER BY received_ns",
+                [since_ns],
+            ).fetchall()
+        finally:
+            cursor.close()
+        return [(bytes(r[0]), bytes(r[1]), str(r[2]), int(r[3])) for r in rows]
+
+    def decided_run_ids(self, trace_ids: Sequence[str]) -> list[str]:
+        """Ids of the runs of these traces that already have a verdict."""
+        cursor = self.conn.cursor()
+        try:
+            rows = cursor.execute(
+                "SELECT id FROM runs WHERE status <> 'open' AND list_contains(?, trace_id)",
+                [list(trace_ids)],
+            ).fetchall()
+        finally:
+            cursor.close()
+        return [str(r[0]) for r in rows]
+
     def trace_spans_since(self, trace_id: str, since_ns: int) -> list[tuple[bytes, bytes, str]]:
         """Stored (span, resource, scope) blobs of a trace received at or after ``since_ns``.
 
