@@ -4,7 +4,7 @@ bare protobuf parse rate measured in the same run on the same machine?
     .venv/bin/python bench/bench_ingest.py [--seconds 20] [--in-flight 8] [--spans 512]
 
 It starts ``outcomewatch serve`` as a separate process (its own GIL, its own DuckDB file, the
-example rules), sends pre-serialised ExportTraceServiceRequests over a raw gRPC channel with
+example rules and one of its own), sends pre-serialised ExportTraceServiceRequests over a raw gRPC channel with
 several calls in flight (the official Python exporter tops out near 14k spans/s, so it cannot be
 the load generator), then measures the time from a trace's last span to its verdict: a passing
 run (decided the moment the last outcome arrives) and a failing one (decided after --trace-idle).
@@ -106,6 +106,18 @@ async def sustained_rate(endpoint: str, requests: list[bytes], spans: int, *, se
         return acked / (time.perf_counter() - started), refused
 
 
+# The bench's own rule: like the first example rule, but without `within`, so that a failing run
+# is decided by --trace-idle and the failing-verdict latency is measurable in seconds.
+BENCH_RULES = """
+rules:
+  - name: bench-payment-failed
+    trigger: {span: stripe.webhook, where: {event.type: invoice.payment_failed}}
+    expect:
+      - {span: entitlement.updated, status: ok}
+      - {span: email.delivered, where: {email.template: {in: [payment_failed, dunning]}}}
+"""
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -161,8 +173,10 @@ def main() -> None:
     requests = [build_request(args.spans, rng) for _ in range(64)]
     grpc_port, http_port, api_port = _free_port(), _free_port(), _free_port()
     with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "bench.yaml").write_text(BENCH_RULES)
         command = [sys.executable, "-m", "outcomewatch", "serve",
-                   "--rules", str(ROOT / "rules" / "examples"), "--db", f"{tmp}/bench.duckdb",
+                   "--rules", str(ROOT / "rules" / "examples"), "--rules", f"{tmp}/bench.yaml",
+                   "--db", f"{tmp}/bench.duckdb",
                    "--grpc", f"127.0.0.1:{grpc_port}", "--http", f"127.0.0.1:{http_port}",
                    "--api", f"127.0.0.1:{api_port}", "--trace-idle", args.trace_idle,
                    "--log-level", "warning"]
@@ -170,12 +184,16 @@ def main() -> None:
         api = f"http://127.0.0.1:{api_port}"
         try:
             for _ in range(300):
+                if server.poll() is not None:
+                    raise SystemExit(f"outcomewatch serve exited with {server.returncode}")
                 try:
                     if httpx.get(f"{api}/healthz").status_code == 200:
                         break
                 except httpx.TransportError:
                     pass
                 time.sleep(0.1)
+            else:
+                raise SystemExit("outcomewatch serve did not become healthy in 30 s")
             endpoint = f"127.0.0.1:{grpc_port}"
             bare = parse_rate(requests, args.spans, seconds=3.0)
             acked, refused = asyncio.run(sustained_rate(

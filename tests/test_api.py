@@ -112,12 +112,15 @@ def pb_span(trace_id: str, span_id: str, parent: str, name: str, start: datetime
 def insert_span(conn: duckdb.DuckDBPyConnection, span: PbSpan, service: str,
                 received_ns: int) -> None:
     resource = Resource(attributes=[kv("service.name", service), kv("host.name", "web-1")])
+    resource_id = hash(service) % 2**62
+    conn.execute("INSERT INTO resources VALUES (?, ?) ON CONFLICT DO NOTHING",
+                 [resource_id, resource.SerializeToString()])
     conn.execute(
         "INSERT INTO spans VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [span.trace_id.hex(), span.span_id.hex(), span.parent_span_id.hex(), span.name,
          service, "test-scope", span.kind, span.start_time_unix_nano, span.end_time_unix_nano,
          span.status.code, span.status.message, received_ns, span.SerializeToString(),
-         resource.SerializeToString()],
+         resource_id],
     )
 
 

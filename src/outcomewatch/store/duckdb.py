@@ -13,6 +13,7 @@ verdict given twice (a restart, a re-sent trigger) is stored once and counted in
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import queue
@@ -37,8 +38,10 @@ _SPAN_SCHEMA = pa.schema([
     ("name", pa.string()), ("service", pa.string()), ("scope", pa.string()),
     ("kind", pa.int8()), ("start_ns", pa.int64()), ("end_ns", pa.int64()),
     ("status_code", pa.int8()), ("status_message", pa.string()), ("received_ns", pa.int64()),
-    ("span", pa.binary()), ("resource", pa.binary()),
+    ("span", pa.binary()), ("resource_id", pa.int64()),
 ])
+
+_RESOURCE_SCHEMA = pa.schema([("id", pa.int64()), ("resource", pa.binary())])
 
 _RUN_SCHEMA = pa.schema([
     ("id", pa.string()), ("rule", pa.string()), ("trace_id", pa.string()),
@@ -48,6 +51,7 @@ _RUN_SCHEMA = pa.schema([
 
 _MAX_GROUP = 256  # jobs per transaction; bounds the latency one commit adds
 _CHECKPOINT_EVERY_S = 30.0
+_MAX_KNOWN_RESOURCES = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +84,7 @@ class Store:
         try:
             self.conn = duckdb.connect(path)
             # Checkpoint on our own schedule: the automatic one every 16 MB of WAL stalls inserts.
-            self.conn.execute("SET checkpoint_threshold = '256MB'")
+            self.conn.execute("SET checkpoint_threshold = '1GB'")
             self.conn.execute("SET TimeZone = 'UTC'")
             self.conn.execute(DDL)
             if self.conn.execute("SELECT count(*) FROM schema_version").fetchone() == (0,):
@@ -88,6 +92,7 @@ class Store:
         except duckdb.Error as exc:
             raise StoreError(f"cannot open database {path}: {exc}") from exc
         self._max_queue = max_queue
+        self._known_resources: set[int] = set()
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._writer = self.conn.cursor()
         self._thread = threading.Thread(target=self._run, name="duckdb-writer", daemon=True)
@@ -180,6 +185,7 @@ class Store:
         try:
             results = self._apply(jobs)
         except Exception:
+            self._known_resources.clear()  # the rolled-back transaction may have added some
             # One bad job must not fail the others: retry each in a transaction of its own.
             log.warning("group commit of %d jobs failed; retrying one by one", len(jobs))
             for job in jobs:
@@ -225,12 +231,28 @@ class Store:
             return [v for b in batches for v in getattr(b, name)]
 
         received = [b.received_ns for b in batches for _ in range(len(b))]
+        # The spans of one resource share one bytes object, so this dict is a handful of entries
+        # and each lookup an identity hit.
+        resource_ids: dict[bytes, int] = {}
+        for raw_resource in column("raw_resource"):
+            if raw_resource not in resource_ids:
+                resource_ids[raw_resource] = resource_id(raw_resource)
+        new = [(i, raw) for raw, i in resource_ids.items() if i not in self._known_resources]
+        if new:
+            resources = pa.Table.from_arrays(
+                [[i for i, _ in new], [raw for _, raw in new]], schema=_RESOURCE_SCHEMA)
+            self._writer.register("incoming_resources", resources)
+            try:
+                self._writer.execute(
+                    "INSERT INTO resources SELECT * FROM incoming_resources ON CONFLICT DO NOTHING")
+            finally:
+                self._writer.unregister("incoming_resources")
         incoming = pa.Table.from_arrays(
             [
                 column("trace_id"), column("span_id"), column("parent_span_id"), column("name"),
                 column("service"), column("scope"), column("kind"), column("start_ns"),
                 column("end_ns"), column("status_code"), column("status_message"), received,
-                column("raw"), column("raw_resource"),
+                column("raw"), [resource_ids[r] for r in column("raw_resource")],
             ],
             schema=_SPAN_SCHEMA,
         )
@@ -239,6 +261,11 @@ class Store:
             self._writer.execute("INSERT INTO spans SELECT * FROM incoming_spans")
         finally:
             self._writer.unregister("incoming_spans")
+        # Marked known before the commit: if the transaction rolls back, _commit_group clears
+        # the whole set, so a resource row is never assumed that was not stored.
+        if len(self._known_resources) > _MAX_KNOWN_RESOURCES:
+            self._known_resources.clear()
+        self._known_resources.update(i for i, _ in new)
 
     def _insert_opened(self, opened: list[RunOpened]) -> None:
         incoming = pa.Table.from_pylist(
@@ -309,9 +336,10 @@ class Store:
         cursor = self.conn.cursor()
         try:
             rows = cursor.execute(
-                "SELECT span, resource, scope, received_ns FROM spans WHERE received_ns >= ? "
-                "OR trace_id IN (SELECT trace_id FROM runs WHERE status = 'open') "
-                "ORDER BY received_ns",
+                "SELECT s.span, r.resource, s.scope, s.received_ns FROM spans s "
+                "JOIN resources r ON r.id = s.resource_id WHERE s.received_ns >= ? "
+                "OR s.trace_id IN (SELECT trace_id FROM runs WHERE status = 'open') "
+                "ORDER BY s.received_ns",
                 [since_ns],
             ).fetchall()
         finally:
@@ -338,15 +366,22 @@ class Store:
         cursor = self.conn.cursor()
         try:
             rows = cursor.execute(
-                "SELECT span, resource, scope FROM spans WHERE received_ns >= ? AND trace_id = ? "
-                "QUALIFY row_number() OVER (PARTITION BY span_id ORDER BY received_ns) = 1 "
-                "ORDER BY start_ns",
+                "SELECT s.span, r.resource, s.scope FROM spans s "
+                "JOIN resources r ON r.id = s.resource_id "
+                "WHERE s.received_ns >= ? AND s.trace_id = ? "
+                "QUALIFY row_number() OVER (PARTITION BY s.span_id ORDER BY s.received_ns) = 1 "
+                "ORDER BY s.start_ns",
                 [since_ns, trace_id],
             ).fetchall()
         finally:
             cursor.close()
         return [(bytes(r[0]), bytes(r[1]), str(r[2])) for r in rows]
 
+
+
+def resource_id(raw_resource: bytes) -> int:
+    """A stable 63-bit id for a serialised resource (the same bytes, the same id, any process)."""
+    return int.from_bytes(hashlib.blake2b(raw_resource, digest_size=8).digest(), "big") >> 1
 
 
 def _settle(future: asyncio.Future[BaseException | int | None],

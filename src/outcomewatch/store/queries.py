@@ -269,9 +269,10 @@ class Reader:
         A retried export stores a span twice; the first received copy wins.
         """
         rows = self._fetch(
-            "SELECT span, resource, scope FROM spans WHERE trace_id = ?"
-            " QUALIFY row_number() OVER (PARTITION BY span_id ORDER BY received_ns) = 1"
-            " ORDER BY start_ns, span_id",
+            "SELECT s.span, r.resource, s.scope FROM spans s"
+            " JOIN resources r ON r.id = s.resource_id WHERE s.trace_id = ?"
+            " QUALIFY row_number() OVER (PARTITION BY s.span_id ORDER BY s.received_ns) = 1"
+            " ORDER BY s.start_ns, s.span_id",
             [trace_id],
         )
         if not rows:
