@@ -107,7 +107,8 @@ def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
 
 @contextmanager
 def running_server(
-    tmp_path: Path, *, rules: list[Path] | None = None, trace_idle: timedelta = TRACE_IDLE
+    tmp_path: Path, *, rules: list[Path] | None = None, trace_idle: timedelta = TRACE_IDLE,
+    config: Path | None = None, api_token: str | None = None, clock: ManualClock | None = None,
 ) -> Iterator[RunningServer]:
     settings = Settings(
         rules=tuple(str(p) for p in (rules or [EXAMPLE_RULES])),
@@ -117,14 +118,19 @@ def running_server(
         api=Address("127.0.0.1", 0),
         trace_idle=trace_idle,
         tick=timedelta(milliseconds=20),
+        notify_interval=timedelta(milliseconds=20),
+        config=str(config) if config else None,
+        api_token=api_token,
     )
-    clock = ManualClock()
+    clock = clock or ManualClock()
     server = Server(settings, clock=clock)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=_run_loop, args=(loop,), daemon=True)
     thread.start()
     asyncio.run_coroutine_threadsafe(server.start(), loop).result(timeout=30)
-    api = httpx.Client(base_url=f"http://127.0.0.1:{server.api_port}", timeout=10)
+    headers = {"Authorization": f"Bearer {api_token}"} if api_token else {}
+    api = httpx.Client(base_url=f"http://127.0.0.1:{server.api_port}", timeout=10,
+                       headers=headers)
     running = RunningServer(server, clock, loop, api)
     try:
         yield running

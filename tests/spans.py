@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -35,6 +36,19 @@ def raw_request(*span_ids: bytes, service: str = "checkout") -> ExportTraceServi
         span = scope_spans.spans.add(name=f"span-{i}", trace_id=TRACE_ID, span_id=span_id)
         span.start_time_unix_nano, span.end_time_unix_nano = 1_000, 2_000
     return request
+
+
+def nested_value(depth: int, *, kvlist: bool = False, leaf: str = "x") -> AnyValue:
+    """A string ``leaf`` inside ``depth`` arrays (or kvlists of one key "k")."""
+    value = AnyValue(string_value=leaf)
+    for _ in range(depth):
+        outer = AnyValue()
+        if kvlist:
+            outer.kvlist_value.values.add(key="k").value.CopyFrom(value)
+        else:
+            outer.array_value.values.append(value)
+        value = outer
+    return value
 
 
 class RecordingSink:

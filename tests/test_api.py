@@ -163,7 +163,8 @@ def conn(tmp_path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
         [(i, rule, status, at - timedelta(hours=1), at) for i, rule, status, at in INCIDENTS],
     )
     connection.executemany(
-        "INSERT INTO incident_failures VALUES (1, ?, 'checkout', ?, ?, ?, ?, ?)",
+        "INSERT INTO incident_failures (incident_id, run_id, rule, trace_id, failed_at, reason,"
+        " missing, detail) VALUES (1, ?, 'checkout', ?, ?, ?, ?, ?)",
         [(run, trace, at, reason, missing, json.dumps(detail))
          for run, trace, at, reason, missing, detail in FAILURES],
     )
@@ -199,6 +200,7 @@ def test_a_run_has_every_contract_field_with_utc_iso_times(client: TestClient) -
         "id": "run-04", "rule": "checkout", "trace_id": TRACE_A, "status": "failed",
         "opened_at": "2024-05-01T12:03:00Z", "closed_at": "2024-05-01T12:08:00Z",
         "reason": "deadline", "missing": ["email.sent"],
+        "late_outcomes": [], "late_at": None, "incident_id": None,
     }
 
 
@@ -339,9 +341,11 @@ def test_an_unknown_incident_is_404_with_its_id(client: TestClient) -> None:
 
 def test_an_incident_has_the_list_fields_plus_its_failures(client: TestClient) -> None:
     listed = get_ok(client, "/api/v1/incidents", status="open", rule="checkout", limit=2)
+    item = listed["incidents"][1]
     detail = get_ok(client, "/api/v1/incidents/1")
-    assert {k: v for k, v in detail.items() if k != "failures"} == listed["incidents"][1]
-    assert listed["incidents"][1]["last_failure_at"] == "2024-05-01T12:10:00Z"
+    assert {k: detail[k] for k in item} == item
+    assert set(detail) - set(item) == {"description", "timeline", "failures"}
+    assert item["last_failure_at"] == "2024-05-01T12:10:00Z"
 
 
 def test_incident_failures_are_newest_first(client: TestClient) -> None:
@@ -356,6 +360,7 @@ def test_a_failure_reads_its_fields_from_the_detail_json(client: TestClient) -> 
     assert failure == {
         "run_id": "run-04", "trace_id": TRACE_A, "failed_at": "2024-05-01T12:08:00Z",
         "reason": "deadline", "missing": ["email.sent"], **FULL_DETAIL,
+        "offending": [], "scheduled_at": None, "late_outcomes": [], "late_at": None,
     }
 
 
@@ -434,12 +439,16 @@ def test_openapi_documents_every_route_with_a_title(conn: duckdb.DuckDBPyConnect
     assert schema["info"]["title"] == "ow-test"
     assert schema["info"]["description"]
     assert set(schema["paths"]) == {
-        "/healthz", "/api/v1/runs", "/api/v1/incidents", "/api/v1/incidents/{incident_id}",
-        "/api/v1/traces/{trace_id}",
+        "/healthz", "/readyz", "/metrics", "/api/v1/runs", "/api/v1/incidents",
+        "/api/v1/incidents/{incident_id}", "/api/v1/traces/{trace_id}",
+        "/api/v1/notifications", "/api/v1/incidents/{incident_id}/acknowledge",
+        "/api/v1/incidents/{incident_id}/resolve", "/api/v1/incidents/{incident_id}/reopen",
     }
-    for path in schema["paths"].values():
-        assert path["get"]["tags"]
-        assert "$ref" in json.dumps(path["get"]["responses"]["200"])
+    for url, path in schema["paths"].items():
+        for operation in path.values():
+            assert operation["tags"]
+            if url != "/metrics":  # plain text, not JSON
+                assert "$ref" in json.dumps(operation["responses"]["200"])
 
 
 def test_reader_serves_concurrent_callers(conn: duckdb.DuckDBPyConnection) -> None:

@@ -6,10 +6,12 @@ import os
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
 from outcomewatch.analyzer.engine import Engine
@@ -41,24 +43,53 @@ def clock() -> ManualClock:
 
 @pytest.fixture
 def engine(tmp_path: Path, clock: ManualClock) -> Engine:
+    return make_engine(tmp_path, RULES, clock)
+
+
+# -- helpers, shared by the tests/test_engine_*.py files ----------------------------------
+
+
+def make_engine(tmp_path: Path, rules: str, clock: ManualClock, **options: Any) -> Engine:
+    """An engine over ``rules`` (YAML text), compiled by the real loader."""
     path = tmp_path / "rules.yaml"
-    path.write_text(RULES)
-    return Engine(load_rules([path]), idle=IDLE, clock=clock)
+    path.write_text(rules)
+    return Engine(load_rules([path]), idle=IDLE, clock=clock, **options)
 
 
-def span(trace: bytes, name: str, *, ok: bool = False, **attributes: str) -> Span:
-    now = time.time_ns()
-    pb_span = Span(trace_id=trace, span_id=os.urandom(8), name=name, start_time_unix_nano=now,
-                   end_time_unix_nano=now + 1000,
-                   status=Status(code=Status.STATUS_CODE_OK if ok else Status.STATUS_CODE_UNSET))
+def span(
+    trace: bytes,
+    name: str,
+    *,
+    ok: bool = False,
+    error: bool = False,
+    start_ns: int | None = None,
+    duration: timedelta = timedelta(microseconds=1),
+    links: tuple[tuple[bytes, bytes], ...] = (),
+    span_id: bytes | None = None,
+    **attributes: Any,
+) -> Span:
+    """A protobuf span; ``links`` are (trace id, span id) pairs."""
+    start = time.time_ns() if start_ns is None else start_ns
+    code = Status.STATUS_CODE_ERROR if error else (
+        Status.STATUS_CODE_OK if ok else Status.STATUS_CODE_UNSET)
+    pb_span = Span(trace_id=trace, span_id=span_id or os.urandom(8), name=name,
+                   start_time_unix_nano=start,
+                   end_time_unix_nano=start + duration // timedelta(microseconds=1) * 1000,
+                   status=Status(code=code))
     for key, value in attributes.items():
-        pb_span.attributes.append(KeyValue(key=key, value=AnyValue(string_value=value)))
+        any_value = (AnyValue(string_value=value) if isinstance(value, str)
+                     else AnyValue(int_value=value))
+        pb_span.attributes.append(KeyValue(key=key, value=any_value))
+    for linked_trace, linked_span in links:
+        pb_span.links.append(Span.Link(trace_id=linked_trace, span_id=linked_span))
     return pb_span
 
 
-def batch(*spans: Span) -> SpanBatch:
+def batch(*spans: Span, resource: dict[str, str] | None = None) -> SpanBatch:
+    pb_resource = Resource(attributes=[
+        KeyValue(key=k, value=AnyValue(string_value=v)) for k, v in (resource or {}).items()])
     request = ExportTraceServiceRequest(resource_spans=[ResourceSpans(
-        scope_spans=[ScopeSpans(spans=list(spans))])])
+        resource=pb_resource, scope_spans=[ScopeSpans(spans=list(spans))])])
     return batch_from_request(request, received_ns=time.time_ns())
 
 
@@ -151,6 +182,7 @@ def test_a_rule_with_within_fails_with_reason_deadline(engine: Engine, clock: Ma
     clock.advance(timedelta(hours=1, seconds=1))
 
     (failed,) = engine.tick()
+    assert isinstance(failed, RunFailed)
     assert failed.reason is FailureReason.DEADLINE
     assert failed.missing == ("export.uploaded",)
 

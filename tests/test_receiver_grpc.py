@@ -22,7 +22,7 @@ from outcomewatch.errors import Overloaded, StoreError
 from outcomewatch.receiver import Limits, start_grpc_receiver
 from outcomewatch.receiver.limits import MiB
 from tests.servers import run_in, running_event_loop
-from tests.spans import RecordingSink, raw_request, sdk_spans
+from tests.spans import RecordingSink, nested_value, raw_request, sdk_spans
 
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 GOOD_ID, OTHER_ID = bytes.fromhex("00f067aa0ba902b7"), bytes.fromhex("53995c3f42cd8ad8")
@@ -30,7 +30,10 @@ GOOD_ID, OTHER_ID = bytes.fromhex("00f067aa0ba902b7"), bytes.fromhex("53995c3f42
 
 @contextmanager
 def grpc_receiver(
-    sink: RecordingSink, limits: Limits | None = None, clock_ns: Callable[[], int] | None = None
+    sink: RecordingSink,
+    limits: Limits | None = None,
+    clock_ns: Callable[[], int] | None = None,
+    token: str | None = None,
 ) -> Iterator[int]:
     """Serve the receiver on its own loop thread; yield the port."""
     options = {"clock_ns": clock_ns} if clock_ns else {}
@@ -38,7 +41,7 @@ def grpc_receiver(
         server, port = run_in(
             loop,
             start_grpc_receiver(
-                sink, host="127.0.0.1", port=0, limits=limits or Limits(), **options
+                sink, host="127.0.0.1", port=0, limits=limits or Limits(), token=token, **options
             ),
         )
         try:
@@ -196,3 +199,85 @@ def test_it_refuses_to_start_on_a_port_already_in_use():
             loop,
             start_grpc_receiver(RecordingSink(), host="127.0.0.1", port=port, limits=Limits()),
         )
+
+
+def test_it_rejects_only_the_spans_over_the_limits_as_a_partial_success():
+    request = raw_request(GOOD_ID, OTHER_ID, bytes([3]) * 8)
+    spans = request.resource_spans[0].scope_spans[0].spans
+    for k in range(5):
+        spans[0].attributes.add(key=f"a{k}").value.int_value = k
+    spans[2].attributes.add(key="deep").value.CopyFrom(nested_value(3))
+    sink = RecordingSink()
+    limits = Limits(max_attributes_per_span=4, max_value_depth=2)
+    with grpc_receiver(sink, limits) as port, raw_export(port) as export:
+        response = export(request.SerializeToString(), timeout=5)
+    assert response.partial_success.rejected_spans == 2
+    assert response.partial_success.error_message == (
+        "resource_spans[0].scope_spans[0].spans[0]: 5 attributes, limit 4; "
+        "resource_spans[0].scope_spans[0].spans[2]: attributes['deep'][0][0]: "
+        "value nested deeper than 2 levels (the limit)"
+    )
+    assert sink.span_names == ["span-1"]
+
+
+def test_it_answers_invalid_utf8_with_invalid_argument_and_keeps_serving():
+    body = raw_request(GOOD_ID).SerializeToString().replace(b"span-0", b"span-\xff")
+    sink = RecordingSink()
+    with grpc_receiver(sink) as port, raw_export(port) as export:
+        error = rpc_error(lambda: export(body, timeout=5))
+        export(raw_request(GOOD_ID).SerializeToString(), timeout=5)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "invalid UTF-8" in error.details()
+    assert sink.span_names == ["span-0"]
+
+
+def test_it_acknowledges_an_empty_request_without_calling_the_sink():
+    sink = RecordingSink(fail_with=AssertionError("the sink must not be called"))
+    with grpc_receiver(sink) as port, raw_export(port) as export:
+        assert export(b"", timeout=5) == ExportTraceServiceResponse()
+
+
+def test_with_a_token_it_accepts_the_official_exporter_sending_it():
+    sink = RecordingSink()
+    with grpc_receiver(sink, token="s3cret") as port:
+        exporter = OTLPSpanExporter(
+            endpoint=f"127.0.0.1:{port}", insecure=True,
+            headers=(("authorization", "Bearer s3cret"),),
+        )
+        assert exporter.export(sdk_spans()) == SpanExportResult.SUCCESS
+        exporter.shutdown()
+    assert sorted(sink.span_names) == ["POST /orders", "charge"]
+
+
+def test_with_a_token_it_refuses_the_official_exporter_without_it():
+    sink = RecordingSink()
+    with grpc_receiver(sink, token="s3cret") as port:
+        exporter = OTLPSpanExporter(endpoint=f"127.0.0.1:{port}", insecure=True, timeout=5)
+        assert exporter.export(sdk_spans()) == SpanExportResult.FAILURE
+        exporter.shutdown()
+    assert sink.batches == []
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [(), (("authorization", "Bearer wrong"),), (("authorization", "s3cret"),),
+     (("authorization", "Basic s3cret"),), (("x-token", "Bearer s3cret"),)],
+)
+def test_with_a_token_it_answers_unauthenticated_to_any_other_credentials(metadata):
+    sink = RecordingSink()
+    body = raw_request(GOOD_ID).SerializeToString()
+    with grpc_receiver(sink, token="s3cret") as port, raw_export(port) as export:
+        error = rpc_error(lambda: export(body, metadata=metadata, timeout=5))
+        served = export(body, metadata=(("authorization", "bearer s3cret"),), timeout=5)
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "bearer token" in error.details()
+    assert served == ExportTraceServiceResponse()
+    assert sink.span_names == ["span-0"]
+
+
+@pytest.mark.parametrize("token", ["", "two words", "caf\u00e9"])
+def test_it_refuses_to_start_with_a_token_no_client_could_send(token):
+    with running_event_loop() as loop, pytest.raises(ValueError, match="bearer token"):
+        run_in(loop, start_grpc_receiver(
+            RecordingSink(), host="127.0.0.1", port=0, limits=Limits(), token=token
+        ))

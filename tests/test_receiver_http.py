@@ -30,9 +30,11 @@ GOOD_ID = bytes.fromhex("00f067aa0ba902b7")
 
 
 @contextmanager
-def http_receiver(sink: RecordingSink, limits: Limits | None = None) -> Iterator[httpx.Client]:
+def http_receiver(
+    sink: RecordingSink, limits: Limits | None = None, token: str | None = None
+) -> Iterator[httpx.Client]:
     """Serve the receiver with uvicorn; yield an httpx client for it."""
-    app = create_http_receiver(sink, limits=limits or Limits(), clock_ns=lambda: 1234)
+    app = create_http_receiver(sink, limits=limits or Limits(), clock_ns=lambda: 1234, token=token)
     with running_asgi(app) as base_url, httpx.Client(base_url=base_url, timeout=10) as client:
         yield client
 
@@ -296,3 +298,109 @@ def test_the_inflater_refuses_an_empty_body():
 def test_limits_refuse_a_size_that_is_not_a_positive_int():
     with pytest.raises(ValueError, match="max_decompressed_bytes must be a positive int"):
         Limits(max_decompressed_bytes=0)
+
+
+def test_it_reports_spans_over_the_limits_as_a_partial_success():
+    request = raw_request(GOOD_ID, bytes([2]) * 8)
+    big = request.resource_spans[0].scope_spans[0].spans[1].events.add(name="log")
+    big.attributes.add(key="body").value.string_value = "x" * 2000
+    sink = RecordingSink()
+    with http_receiver(sink, Limits(max_attribute_value_bytes=1024)) as client:
+        response = post(client, request.SerializeToString(), PROTOBUF)
+    assert response.status_code == 200
+    partial = ExportTraceServiceResponse.FromString(response.content).partial_success
+    assert partial.rejected_spans == 1
+    assert partial.error_message == (
+        "resource_spans[0].scope_spans[0].spans[1]: events[0].attributes['body']: "
+        "value of 2000 bytes, limit 1024"
+    )
+    assert sink.span_names == ["span-0"]
+
+
+def test_it_answers_invalid_utf8_in_protobuf_with_400_saying_so():
+    body = raw_request(GOOD_ID).SerializeToString().replace(b"span-0", b"span-\xc3")
+    with http_receiver(RecordingSink()) as client:
+        response = post(client, body, PROTOBUF)
+    assert response.status_code == 400
+    assert "invalid UTF-8" in protobuf_status(response).message
+
+
+@pytest.mark.parametrize(("body", "headers"), [(b"", PROTOBUF), (b"", JSON), (b"{}", JSON)])
+def test_it_acknowledges_an_empty_request(body, headers):
+    sink = RecordingSink(fail_with=AssertionError("the sink must not be called"))
+    with http_receiver(sink) as client:
+        response = post(client, body, headers)
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("span", "message"),
+    [
+        ({"traceId": 5}, "resourceSpans[0].scopeSpans[0].spans[0].traceId: must be a hex string"),
+        ({"attributes": [{"key": "a", "value": "x"}]},
+         "resourceSpans[0].scopeSpans[0].spans[0].attributes[0].value: must be an object"),
+    ],
+)
+def test_it_answers_json_of_the_wrong_types_with_400_naming_the_field(span, message):
+    body = json.dumps({"resourceSpans": [{"scopeSpans": [{"spans": [span]}]}]}).encode()
+    with http_receiver(RecordingSink()) as client:
+        response = post(client, body, JSON)
+    assert response.status_code == 400
+    assert response.json()["message"].startswith(message)
+
+
+@pytest.mark.parametrize("compression", [Compression.NoCompression, Compression.Gzip])
+def test_with_a_token_it_accepts_the_official_exporter_sending_it(compression):
+    sink = RecordingSink()
+    app = create_http_receiver(sink, limits=Limits(), token="s3cret")
+    with running_asgi(app) as base_url:
+        exporter = OTLPSpanExporter(
+            endpoint=f"{base_url}/v1/traces", compression=compression,
+            headers={"authorization": "Bearer s3cret"},
+        )
+        assert exporter.export(sdk_spans()) == SpanExportResult.SUCCESS
+        exporter.shutdown()
+    assert sorted(sink.span_names) == ["POST /orders", "charge"]
+
+
+def test_with_a_token_it_refuses_the_official_exporter_without_it():
+    sink = RecordingSink()
+    app = create_http_receiver(sink, limits=Limits(), token="s3cret")
+    with running_asgi(app) as base_url:
+        exporter = OTLPSpanExporter(endpoint=f"{base_url}/v1/traces", timeout=5)
+        assert exporter.export(sdk_spans()) == SpanExportResult.FAILURE
+        exporter.shutdown()
+    assert sink.batches == []
+
+
+@pytest.mark.parametrize(
+    ("authorization", "challenge"),
+    [(None, "Bearer"), ("Bearer wrong", 'Bearer error="invalid_token"'),
+     ("Basic s3cret", 'Bearer error="invalid_token"'), ("s3cret", 'Bearer error="invalid_token"')],
+)
+def test_with_a_token_it_answers_401_to_any_other_credentials(authorization, challenge):
+    sink = RecordingSink()
+    body = raw_request(GOOD_ID).SerializeToString()
+    credentials = {"Authorization": authorization} if authorization else {}
+    with http_receiver(sink, token="s3cret") as client:
+        refused = post(client, body, {**PROTOBUF, **credentials})
+        served = post(client, body, {**PROTOBUF, "Authorization": "bearer s3cret"})
+    assert refused.status_code == 401
+    assert refused.headers["www-authenticate"] == challenge
+    assert protobuf_status(refused).code == 16  # UNAUTHENTICATED
+    assert served.status_code == 200
+    assert sink.span_names == ["span-0"]
+
+
+def test_with_a_token_it_answers_401_before_looking_at_the_body_or_its_type():
+    with http_receiver(RecordingSink(), token="s3cret") as client:
+        as_json = post(client, b"not json", JSON)
+        untyped = post(client, b"x", {"Content-Type": "text/plain"})
+    assert (as_json.status_code, untyped.status_code) == (401, 401)
+    assert "bearer token" in as_json.json()["message"]
+    assert untyped.headers["www-authenticate"] == "Bearer"
+
+
+def test_it_refuses_to_create_a_receiver_with_a_token_no_client_could_send():
+    with pytest.raises(ValueError, match="bearer token"):
+        create_http_receiver(RecordingSink(), limits=Limits(), token="with space")

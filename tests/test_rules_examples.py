@@ -18,7 +18,11 @@ OK, ERROR = SpanStatus.OK, SpanStatus.ERROR
 
 
 def make_span(
-    name: str, status: SpanStatus = SpanStatus.UNSET, attributes: dict[str, Any] | None = None
+    name: str,
+    status: SpanStatus = SpanStatus.UNSET,
+    attributes: dict[str, Any] | None = None,
+    *,
+    duration: timedelta = timedelta(microseconds=1),
 ) -> Span:
     return Span(
         trace_id="0" * 32,
@@ -28,7 +32,7 @@ def make_span(
         service="svc",
         kind=1,
         start_ns=0,
-        end_ns=1,
+        end_ns=duration // timedelta(microseconds=1) * 1000,
         status=status,
         status_message="",
         attributes=attributes or {},
@@ -47,14 +51,24 @@ def satisfied(rule: Rule, spans: list[Span]) -> list[bool]:
     return [any(selector.matches(span) for span in spans) for selector in rule.expect]
 
 
-def test_there_is_one_example_file_per_seed_story() -> None:
+def test_there_is_one_example_file_per_seed_story_then_one_per_rule_feature() -> None:
     assert [p.name for p in EXAMPLE_FILES] == [
         "01-payment-failed-access.yaml",
         "02-report-delivered.yaml",
         "03-model-batch-visible.yaml",
         "04-queue-reconciled.yaml",
         "05-backup-restore-proven.yaml",
+        "06-forbid-email-error.yaml",
+        "07-correlated-provisioning.yaml",
+        "08-charge-exactly-once.yaml",
+        "09-nightly-backup-schedule.yaml",
+        "10-grouped-by-customer.yaml",
     ]
+
+
+def test_every_example_file_starts_with_a_comment_telling_its_story() -> None:
+    for path in EXAMPLE_FILES:
+        assert path.read_text().startswith("# Story: "), path.name
 
 
 @pytest.mark.parametrize("path", EXAMPLE_FILES, ids=lambda p: p.name)
@@ -129,3 +143,50 @@ def test_a_backup_needs_upload_decrypt_check_and_restore_within_two_hours() -> N
     assert backup.within == timedelta(hours=2)
     spans = [make_span("backup.upload", OK), make_span("backup.decrypt_check", OK)]
     assert satisfied(backup, spans) == [True, True, False]
+
+
+def test_a_report_run_fails_on_a_failed_email_send_in_its_trace() -> None:
+    report = rule("report-delivered-without-send-errors")
+
+    assert report.trigger.matches(
+        make_span("report.generate", OK, {"report.delivery": "email"})
+    )
+    (forbidden,) = report.forbid
+    assert forbidden.matches(make_span("email.send", ERROR))
+    assert not forbidden.matches(make_span("email.send", OK))
+
+
+def test_provisioning_is_correlated_by_subscription_id_and_bounded_by_within() -> None:
+    provisioning = rule("subscription-provisioned")
+
+    assert provisioning.correlate == ("subscription.id",)
+    assert provisioning.within == timedelta(minutes=10)
+    assert satisfied(
+        provisioning, [make_span("provisioning.job", OK), make_span("tenant.ready", OK)]
+    ) == [True, True]
+
+
+def test_a_charge_counts_once_after_the_trigger_and_only_if_under_ten_seconds() -> None:
+    checkout = rule("checkout-charged-exactly-once")
+    charge = checkout.expect[0]
+
+    assert charge.count is not None
+    assert [charge.count.admits(n) for n in (0, 1, 2)] == [False, True, False]
+    assert charge.after_trigger
+    assert charge.matches(make_span("payment.charge", OK, duration=timedelta(seconds=9)))
+    assert not charge.matches(make_span("payment.charge", OK, duration=timedelta(seconds=10)))
+    assert checkout.max_duration == timedelta(minutes=5)
+
+
+def test_the_nightly_backup_is_due_at_three_in_helsinki_with_half_an_hour_of_grace() -> None:
+    backup = rule("nightly-backup-ran")
+
+    assert backup.schedule is not None
+    assert (backup.schedule.cron, backup.schedule.tz) == ("0 3 * * *", "Europe/Helsinki")
+    assert backup.schedule.grace == timedelta(minutes=30)
+    assert backup.within == timedelta(hours=2)
+    assert backup.trigger.matches(make_span("backup.run", OK, {"backup.kind": "nightly"}))
+
+
+def test_export_incidents_are_grouped_by_customer() -> None:
+    assert rule("customer-export-delivered").group_by == ("customer.id",)

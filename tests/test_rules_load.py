@@ -1,4 +1,5 @@
-"""Loading rule files: what is accepted, and every problem located as file:line: field: message."""
+"""Loading rule files: what is accepted, and every problem located as
+``file:line:column: field: message``."""
 
 from __future__ import annotations
 
@@ -62,12 +63,16 @@ def test_it_reports_an_operator_typo_a_missing_expect_and_a_duplicate_name_and_n
         Problem(
             str(path),
             10,
-            "rules[0].expect[1].where.email.template: unknown operator 'inn' "
+            "rules[0].expect[1].where.email.template: unknown operator 'inn': did you mean 'in'? "
             "(expected one of: in, not_in, regex, exists, ne, gt, gte, lt, lte)",
+            column=28,
         ),
-        Problem(str(path), 11, "rules[1]: 'expect' is required"),
+        Problem(str(path), 11, "rules[1]: 'expect' is required", column=5),
         Problem(
-            str(path), 13, f"rules[2]: duplicate rule name 'first' (first defined at {path}:3)"
+            str(path),
+            13,
+            f"rules[2]: duplicate rule name 'first' (first defined at {path}:3)",
+            column=5,
         ),
     ]
 
@@ -79,7 +84,7 @@ def test_load_rules_raises_a_rule_error_that_lists_every_problem(tmp_path: Path)
         load_rules([path])
 
     assert [p.line for p in caught.value.problems] == [2, 2, 3, 3]
-    assert str(caught.value).splitlines()[0] == f"{path}:2: rules[0]: 'trigger' is required"
+    assert str(caught.value).splitlines()[0] == f"{path}:2:5: rules[0]: 'trigger' is required"
 
 
 def test_it_detects_a_duplicate_rule_name_across_files(tmp_path: Path) -> None:
@@ -87,7 +92,7 @@ def test_it_detects_a_duplicate_rule_name_across_files(tmp_path: Path) -> None:
     second = write(tmp_path, "b.yaml", "# leading comment\n" + VALID.format(name="same"))
 
     assert [str(p) for p in check_paths([first, second])] == [
-        f"{second}:3: rules[0]: duplicate rule name 'same' (first defined at {first}:2)"
+        f"{second}:3:5: rules[0]: duplicate rule name 'same' (first defined at {first}:2)"
     ]
 
 
@@ -146,8 +151,10 @@ def test_an_unknown_key_in_a_rule_is_named_with_the_allowed_keys(tmp_path: Path)
     text = VALID.format(name="a") + "    trgger: {span: a}\n"
 
     assert problems_of(tmp_path, text) == [
-        f"{tmp_path / 'rules.yaml'}:5: rules[0]: unknown key 'trgger' (expected one of: "
-        "name, description, owner, route, severity, trigger, expect, within, evidence)"
+        f"{tmp_path / 'rules.yaml'}:5:5: rules[0]: unknown key 'trgger': did you mean 'trigger'? "
+        "(expected one of: name, description, owner, route, severity, trigger, expect, forbid, "
+        "within, max_duration, correlate, group_by, schedule, evidence, open_after, "
+        "resolve_after, reopen_within)"
     ]
 
 
@@ -156,8 +163,8 @@ def test_an_unknown_key_in_a_selector_is_an_error(tmp_path: Path) -> None:
     text += "      - span: b\n        kind: x\n"
 
     assert problems_of(tmp_path, text) == [
-        f"{tmp_path / 'rules.yaml'}:9: rules[1].expect[0]: unknown key 'kind' "
-        "(expected one of: span, service, status, where)"
+        f"{tmp_path / 'rules.yaml'}:9:9: rules[1].expect[0]: unknown key 'kind' "
+        "(expected one of: span, service, status, where, duration, count, after)"
     ]
 
 
@@ -165,7 +172,7 @@ def test_an_unknown_top_level_key_is_an_error(tmp_path: Path) -> None:
     text = VALID.format(name="a") + "version: 2\n"
 
     assert problems_of(tmp_path, text) == [
-        f"{tmp_path / 'rules.yaml'}:5: unknown key 'version' (expected one of: rules)"
+        f"{tmp_path / 'rules.yaml'}:5:1: unknown key 'version' (expected one of: rules)"
     ]
 
 
@@ -173,7 +180,7 @@ def test_a_bad_duration_is_an_error_on_its_line(tmp_path: Path) -> None:
     text = VALID.format(name="a") + "    within: 10 min\n"
 
     assert problems_of(tmp_path, text) == [
-        f"{tmp_path / 'rules.yaml'}:5: rules[0].within: invalid duration '10 min': "
+        f"{tmp_path / 'rules.yaml'}:5:13: rules[0].within: invalid duration '10 min': "
         "use a number with a unit, like 250ms, 30s, 10m, 1h30m, 7d"
     ]
 
@@ -182,7 +189,7 @@ def test_a_bare_number_is_not_a_duration(tmp_path: Path) -> None:
     text = VALID.format(name="a") + "    within: 10\n"
 
     assert problems_of(tmp_path, text) == [
-        f"{tmp_path / 'rules.yaml'}:5: rules[0].within: expected a string, got int 10"
+        f"{tmp_path / 'rules.yaml'}:5:13: rules[0].within: expected a string, got int 10"
     ]
 
 
@@ -191,7 +198,7 @@ def test_an_invalid_regex_is_an_error(tmp_path: Path) -> None:
     text += "        k: {regex: '('}\n    expect: [{span: b}]\n"
 
     assert problems_of(tmp_path, text) == [
-        f"{tmp_path / 'rules.yaml'}:6: rules[0].trigger.where.k.regex: "
+        f"{tmp_path / 'rules.yaml'}:6:20: rules[0].trigger.where.k.regex: "
         "invalid regex '(': missing ), unterminated subpattern at position 0"
     ]
 
@@ -200,7 +207,7 @@ def test_a_bad_severity_is_an_error_listing_the_allowed_values(tmp_path: Path) -
     text = VALID.format(name="a") + "    severity: urgent\n"
 
     assert problems_of(tmp_path, text) == [
-        f"{tmp_path / 'rules.yaml'}:5: rules[0].severity: invalid value 'urgent' "
+        f"{tmp_path / 'rules.yaml'}:5:15: rules[0].severity: invalid value 'urgent' "
         "(expected 'info', 'warning' or 'critical')"
     ]
 
@@ -209,7 +216,7 @@ def test_a_bad_status_is_an_error(tmp_path: Path) -> None:
     text = "rules:\n  - name: a\n    trigger: {span: a, status: fine}\n    expect: [{span: b}]\n"
 
     assert problems_of(tmp_path, text) == [
-        f"{tmp_path / 'rules.yaml'}:3: rules[0].trigger.status: invalid value 'fine' "
+        f"{tmp_path / 'rules.yaml'}:3:32: rules[0].trigger.status: invalid value 'fine' "
         "(expected 'unset', 'ok' or 'error')"
     ]
 
@@ -219,7 +226,7 @@ def test_a_rule_name_outside_the_allowed_pattern_is_an_error(tmp_path: Path, nam
     problems = problems_of(tmp_path, VALID.format(name=f'"{name}"'))
 
     assert problems == [
-        f"{tmp_path / 'rules.yaml'}:2: rules[0].name: invalid rule name {name!r}: "
+        f"{tmp_path / 'rules.yaml'}:2:11: rules[0].name: invalid rule name {name!r}: "
         "use only lowercase letters, digits, '.', '_' and '-'"
     ]
 
@@ -228,7 +235,7 @@ def test_an_empty_expect_list_is_an_error(tmp_path: Path) -> None:
     text = "rules:\n  - name: a\n    trigger: {span: a}\n    expect: []\n"
 
     assert problems_of(tmp_path, text) == [
-        f"{tmp_path / 'rules.yaml'}:4: rules[0].expect: must not be empty"
+        f"{tmp_path / 'rules.yaml'}:4:5: rules[0].expect: must not be empty"
     ]
 
 
@@ -237,30 +244,34 @@ def test_a_where_value_that_is_neither_scalar_nor_operators_is_an_error(tmp_path
     text += "    expect: [{span: b}]\n"
 
     assert problems_of(tmp_path, text) == [
-        f"{tmp_path / 'rules.yaml'}:3: rules[0].trigger.where.k: expected a value to test for "
+        f"{tmp_path / 'rules.yaml'}:3:32: rules[0].trigger.where.k: expected a value to test for "
         "equality (string, number or bool) or a mapping of operators, got a list"
     ]
 
 
 @pytest.mark.parametrize(
-    ("condition", "message"),
+    ("condition", "column", "message"),
     [
-        ("{}", "k: a condition mapping needs at least one operator"),
-        ("{gt: true}", "k.gt: expected a number (int or float, not bool), got bool true"),
-        ("{gte: '5'}", "k.gte: expected a number (int or float, not bool), got str '5'"),
-        ("{ne: null}", "k.ne: an operator needs a value, not null"),
-        ("{in: []}", "k.in: must not be empty"),
-        ("{in: [[1]]}", "k.in[0]: expected a string, number or bool, got a list"),
-        ("{exists: 1}", "k.exists: expected true or false, got int 1"),
+        ("{}", 32, "k: a condition mapping needs at least one operator"),
+        ("{gt: true}", 40, "k.gt: expected a number (int or float, not bool), got bool true"),
+        ("{gte: '5'}", 41, "k.gte: expected a number (int or float, not bool), got str '5'"),
+        ("{ne: null}", 40, "k.ne: an operator needs a value, not null"),
+        ("{in: []}", 36, "k.in: must not be empty"),
+        ("{in: [[1]]}", 41, "k.in[0]: expected a string, number or bool, got a list"),
+        ("{exists: 1}", 44, "k.exists: expected true or false, got int 1"),
     ],
 )
-def test_a_malformed_operator_is_an_error(tmp_path: Path, condition: str, message: str) -> None:
+def test_a_malformed_operator_is_an_error_at_the_offending_value(
+    tmp_path: Path, condition: str, column: int, message: str
+) -> None:
     text = f"rules:\n  - name: a\n    trigger: {{span: a, where: {{k: {condition}}}}}\n"
     text += "    expect: [{span: b}]\n"
 
     (problem,) = problems_of(tmp_path, text)
 
-    assert problem.startswith(f"{tmp_path / 'rules.yaml'}:3: rules[0].trigger.where.{message}")
+    assert problem.startswith(
+        f"{tmp_path / 'rules.yaml'}:3:{column}: rules[0].trigger.where.{message}"
+    )
 
 
 def test_a_yaml_syntax_error_is_one_problem_at_the_line_of_the_mistake(tmp_path: Path) -> None:
@@ -268,27 +279,27 @@ def test_a_yaml_syntax_error_is_one_problem_at_the_line_of_the_mistake(tmp_path:
 
     (problem,) = problems_of(tmp_path, text)
 
-    assert problem.startswith(f"{tmp_path / 'rules.yaml'}:4: invalid YAML: ")
+    assert problem.startswith(f"{tmp_path / 'rules.yaml'}:4:11: invalid YAML: ")
 
 
 def test_a_repeated_yaml_key_is_an_error_instead_of_last_one_wins(tmp_path: Path) -> None:
     text = VALID.format(name="a") + "    trigger: {span: c}\n"
 
     assert problems_of(tmp_path, text) == [
-        f"{tmp_path / 'rules.yaml'}:5: rules[0]: duplicate key 'trigger' (first at line 3)"
+        f"{tmp_path / 'rules.yaml'}:5:5: rules[0]: duplicate key 'trigger' (first at line 3)"
     ]
 
 
 @pytest.mark.parametrize("text", ["", "- a\n- b\n", "just text\n", "# only a comment\n"])
 def test_a_file_that_is_not_a_mapping_is_a_problem_at_line_one(tmp_path: Path, text: str) -> None:
     assert problems_of(tmp_path, text) == [
-        f"{tmp_path / 'rules.yaml'}:1: expected a mapping with a 'rules' list"
+        f"{tmp_path / 'rules.yaml'}:1:1: expected a mapping with a 'rules' list"
     ]
 
 
 def test_rules_that_is_not_a_list_is_an_error(tmp_path: Path) -> None:
     assert problems_of(tmp_path, "\nrules: {name: a}\n") == [
-        f"{tmp_path / 'rules.yaml'}:2: rules: expected a list, got a mapping"
+        f"{tmp_path / 'rules.yaml'}:2:1: rules: expected a list, got a mapping"
     ]
 
 

@@ -2,14 +2,17 @@
 
     outcomewatch serve [--rules PATH ...] [--db FILE] [--grpc HOST:PORT] [--http HOST:PORT]
                        [--api HOST:PORT] [--trace-idle DURATION]
-    outcomewatch check PATH ...
+    outcomewatch check PATH ... [--format text|json]
+    outcomewatch schema
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from datetime import timedelta
@@ -63,11 +66,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--trace-idle", type=_duration_arg, default=timedelta(seconds=10),
                        metavar="DURATION",
                        help="a trace is complete after this long without a new span (default 10s)")
+    serve.add_argument("--config", metavar="FILE",
+                       help="notification routes and incident settings (YAML); see README")
+    serve.add_argument("--api-token", default=os.environ.get("OUTCOMEWATCH_API_TOKEN"),
+                       metavar="TOKEN",
+                       help="bearer token required for API writes (env OUTCOMEWATCH_API_TOKEN)")
+    serve.add_argument("--api-read-token",
+                       default=os.environ.get("OUTCOMEWATCH_API_READ_TOKEN"), metavar="TOKEN",
+                       help="bearer token required for API reads "
+                            "(env OUTCOMEWATCH_API_READ_TOKEN; the write token also reads)")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
 
-    check = commands.add_parser("check", help="validate rule files; print file:line: errors")
-    check.add_argument("paths", nargs="+", metavar="PATH")
+    check = commands.add_parser(
+        "check", help="validate rule files; print one file:line:column: error per problem"
+    )
+    check.add_argument("paths", nargs="+", metavar="PATH", help="rule file or directory")
+    check.add_argument("--format", choices=["text", "json"], default="text",
+                       help="text: one problem per line; json: {problems, rules} (default text)")
+
+    commands.add_parser("schema", help="print the JSON Schema of a rule file (for editors)")
     return parser
 
 
@@ -83,13 +101,17 @@ def _serve(args: argparse.Namespace) -> int:
         http=Address(*args.http),
         api=Address(*args.api),
         trace_idle=args.trace_idle,
+        config=args.config,
+        api_token=args.api_token or None,
+        api_read_token=args.api_read_token or None,
     )
     try:
         server = Server(settings)
         asyncio.run(server.run_until_signalled())
     except RuleError as exc:
         print(exc, file=sys.stderr)
-        print(f"outcomewatch: {len(exc.problems)} error(s) in rule files", file=sys.stderr)
+        print(f"outcomewatch: {len(exc.problems)} error(s) in rule or config files",
+              file=sys.stderr)
         return 2
     except (StoreError, OSError) as exc:
         print(f"outcomewatch: {exc}", file=sys.stderr)
@@ -98,16 +120,33 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from outcomewatch.rules import check_paths, load_rules
+    """Exit 1 if any rule file has a problem, else 0; problems go to stdout, a summary to stderr."""
+    from outcomewatch.rules import check_rules
 
-    problems = check_paths(args.paths)
-    for problem in problems:
-        print(problem)
+    rules, problems = check_rules(args.paths)
+    if args.format == "json":
+        report = {
+            "problems": [
+                {"file": p.file, "line": p.line, "column": p.column, "message": p.message}
+                for p in problems
+            ],
+            "rules": len(rules),
+        }
+        print(json.dumps(report, indent=2))
+    else:
+        for problem in problems:
+            print(problem)
     if problems:
         print(f"{len(problems)} error(s)", file=sys.stderr)
         return 1
-    count = len(load_rules(args.paths).rules)
-    print(f"ok: {count} rule(s)", file=sys.stderr)
+    print(f"ok: {len(rules)} rule(s)", file=sys.stderr)
+    return 0
+
+
+def _schema() -> int:
+    from outcomewatch.rules import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
     return 0
 
 
@@ -115,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "schema":
+        return _schema()
     return _check(args)
 
 

@@ -55,10 +55,15 @@ class Severity(StrEnum):
 
 
 class FailureReason(StrEnum):
-    """Why a run failed: the trace went quiet, or the rule's own deadline passed."""
+    """Why a run failed."""
 
-    TRACE_IDLE = "trace_idle"
-    DEADLINE = "deadline"
+    TRACE_IDLE = "trace_idle"  # the trace went quiet with an outcome missing
+    DEADLINE = "deadline"  # the rule's `within` passed with an outcome missing
+    FORBIDDEN = "forbidden"  # a span matching `forbid` was seen
+    COUNT = "count"  # an outcome was seen more often than its `count` allows
+    MAX_DURATION = "max_duration"  # the outcomes came, but later than `max_duration`
+    MISSED = "missed"  # a scheduled run never started (no trigger within `grace`)
+    EVICTED = "evicted"  # live state was over its budget; evaluated early with what was seen
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +123,10 @@ class RunOpened:
     deadline_at: datetime | None
 
 
+# Values of a rule's group_by keys, in the rule's order; () for an ungrouped rule.
+GroupValues = tuple[tuple[str, AttributeValue], ...]
+
+
 @dataclass(frozen=True, slots=True)
 class RunPassed:
     run_id: str
@@ -125,6 +134,7 @@ class RunPassed:
     trace_id: str
     opened_at: datetime
     closed_at: datetime
+    group: GroupValues = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,12 +142,39 @@ class RunFailed:
     run_id: str
     rule: str
     trace_id: str
-    trigger: Span
+    trigger: Span | None  # None for a scheduled run that never started
     opened_at: datetime
     closed_at: datetime
     reason: FailureReason
     missing: tuple[str, ...]
     first_received_ns: int  # lower bound of the trace's received_ns, to narrow the evidence query
+    offending: tuple[Span, ...] = ()  # the forbidden or surplus spans that failed the run
+    group: GroupValues = ()
 
 
-RunEvent = RunOpened | RunPassed | RunFailed
+@dataclass(frozen=True, slots=True)
+class LateOutcome:
+    """An expected outcome seen after its run had already failed."""
+
+    run_id: str
+    rule: str
+    trace_id: str
+    outcome: str  # the expectation's `span` pattern, as in `missing`
+    at: datetime
+
+
+RunEvent = RunOpened | RunPassed | RunFailed | LateOutcome
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    """One notification to deliver: an incident transition for one target of its route."""
+
+    id: int  # increasing; delivery order within an incident follows id
+    incident_id: int
+    transition: str  # "opened" | "reopened" | "acknowledged" | "resolved"
+    target: str  # "alertmanager" | "webhook"
+    route: str  # the rule's route: key into the config's routes
+    payload: Mapping[str, Any]  # snapshot of the incident at the transition
+    attempts: int  # attempts made so far
+    created_at: datetime

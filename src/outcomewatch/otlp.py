@@ -1,10 +1,11 @@
-"""The OTLP format boundary: request bytes (protobuf or JSON) -> SpanBatch -> Span.
+"""The OTLP format boundary: request bytes (protobuf) -> SpanBatch -> Span.
 
 Decoding is split on purpose. ``batch_from_request`` reads only the scalar fields of every span
 (ids, name, times, status, kind) and keeps each span's serialised bytes for storage; attributes
 are decoded per span, on demand (``SpanBatch.decode``), only for the few spans a rule or a read
 needs. Decoding every attribute of every span in Python would cap ingest near 50k spans/s
-(see shared/design/PERFORMANCE.md).
+(see shared/design/PERFORMANCE.md). The SpanLimits checks keep to that rule: see
+``batch_from_request``.
 
 Values are named by representation: ``pb_span`` is a protobuf message, ``span`` a model.Span.
 """
@@ -12,13 +13,13 @@ Values are named by representation: ``pb_span`` is a protobuf message, ``span`` 
 from __future__ import annotations
 
 import base64
-import json
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+import functools
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from google.protobuf import json_format
-from google.protobuf.message import DecodeError
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError, Message
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
@@ -29,6 +30,40 @@ from outcomewatch.model import AttributeValue, Span, SpanEvent, SpanLink, SpanSt
 
 _ZERO_TRACE = bytes(16)
 _ZERO_SPAN = bytes(8)
+KiB = 1024
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpanLimits:
+    """What one span may hold. A span over any limit is rejected on its own (OTLP partial
+    success), the rest of its request accepted.
+
+    ``max_attribute_value_bytes`` bounds every string and bytes value (strings in UTF-8), and
+    every key, anywhere in the attributes of the span, its events, its links and its resource,
+    arrays and kvlists included. ``max_value_depth`` bounds AnyValue nesting: each array or
+    kvlist is one level, so ``[1]`` is 1 deep and ``[[1]]`` 2. ``max_attributes_per_span`` also
+    bounds the resource's attributes (a resource over a limit rejects all its spans); the
+    attributes of events and links are not counted (only their sizes and depths are bounded).
+    """
+
+    max_attributes_per_span: int = 128
+    max_attribute_value_bytes: int = 64 * KiB
+    max_value_depth: int = 8
+    max_events_per_span: int = 128
+    max_links_per_span: int = 128
+
+    def __post_init__(self) -> None:
+        # Fail fast: a zero or negative limit would refuse every request, silently. Covers the
+        # fields of subclasses too (receiver.Limits).
+        for limit in fields(self):
+            value = getattr(self, limit.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(
+                    f"{type(self).__name__}.{limit.name} must be a positive int, got {value!r}"
+                )
+
+
+DEFAULT_LIMITS = SpanLimits()
 
 
 def any_value(pb_value: AnyValue) -> AttributeValue:
@@ -133,6 +168,16 @@ class SpanBatch:
         more = len(self.problems) - 5
         return shown + (f"; and {more} more" if more > 0 else "")
 
+    def _keep(self, indices: list[int]) -> None:
+        """Keep only the accepted spans at ``indices`` (in order), in every per-span column."""
+        for column in fields(self):
+            values = getattr(self, column.name)
+            if isinstance(values, list) and column.name not in ("problems", "_resources"):
+                setattr(self, column.name, [values[k] for k in indices])
+
+
+# -- limits: what is checked, and how cheaply -------------------------------------------------
+
 
 def _id_problem(pb_span: PbSpan) -> str | None:
     if len(pb_span.trace_id) != 16:
@@ -148,13 +193,217 @@ def _id_problem(pb_span: PbSpan) -> str | None:
     return None
 
 
-def batch_from_request(request: ExportTraceServiceRequest, *, received_ns: int) -> SpanBatch:
-    """Validate ids and read the scalar columns of every span of ``request``.
+def _quote(key: str) -> str:
+    return repr(key if len(key) <= 40 else key[:40] + "...")
 
-    Spans with ids of the wrong length are rejected one by one (counted in ``rejected``, named
-    in ``problems``), as OTLP partial success expects; the rest are accepted.
+
+def _size_problem(what: str, size: int, limits: SpanLimits) -> str | None:
+    if size > limits.max_attribute_value_bytes:
+        return f": {what} of {size} bytes, limit {limits.max_attribute_value_bytes}"
+    return None
+
+
+def _attributes_problem(
+    pb_attributes: Iterable[KeyValue], limits: SpanLimits, depth: int = 0
+) -> str | None:
+    """The first key or value over a limit, as a path suffix and a reason, e.g.
+    ``['a'][2]: value of 70000 bytes, limit 65536``; None if all are within the limits."""
+    for kv in pb_attributes:
+        problem = _size_problem("key", len(kv.key.encode()), limits) or _value_problem(
+            kv.value, limits, depth
+        )
+        if problem is not None:
+            return f"[{_quote(kv.key)}]{problem}"
+    return None
+
+
+def _value_problem(pb_value: AnyValue, limits: SpanLimits, depth: int) -> str | None:
+    kind = pb_value.WhichOneof("value")
+    if kind == "string_value":
+        return _size_problem("value", len(pb_value.string_value.encode()), limits)
+    if kind == "bytes_value":
+        return _size_problem("value", len(pb_value.bytes_value), limits)
+    if kind not in ("array_value", "kvlist_value"):
+        return None
+    if depth >= limits.max_value_depth:
+        return f": value nested deeper than {limits.max_value_depth} levels (the limit)"
+    if kind == "kvlist_value":
+        return _attributes_problem(pb_value.kvlist_value.values, limits, depth + 1)
+    for k, pb_item in enumerate(pb_value.array_value.values):
+        problem = _value_problem(pb_item, limits, depth + 1)
+        if problem is not None:
+            return f"[{k}]{problem}"
+    return None
+
+
+def _span_problem(pb_span: PbSpan, limits: SpanLimits) -> str | None:
+    """Why ``pb_span`` is rejected, or None. Slow: walks every value."""
+    problem = _id_problem(pb_span)
+    if problem is not None:
+        return problem
+    for what, count, limit in (
+        ("attributes", len(pb_span.attributes), limits.max_attributes_per_span),
+        ("events", len(pb_span.events), limits.max_events_per_span),
+        ("links", len(pb_span.links), limits.max_links_per_span),
+    ):
+        if count > limit:
+            return f"{count} {what}, limit {limit}"
+    located = [("attributes", pb_span.attributes)]
+    located += [(f"events[{k}].attributes", e.attributes) for k, e in enumerate(pb_span.events)]
+    located += [(f"links[{k}].attributes", x.attributes) for k, x in enumerate(pb_span.links)]
+    for where, pb_attributes in located:
+        problem = _attributes_problem(pb_attributes, limits)
+        if problem is not None:
+            return where + problem
+    return None
+
+
+def _resource_problem(pb_resource: Resource, raw: bytes, limits: SpanLimits) -> str | None:
+    count = len(pb_resource.attributes)
+    if count > limits.max_attributes_per_span:
+        return f"{count} attributes, limit {limits.max_attributes_per_span}"
+    if len(raw) > limits.max_attribute_value_bytes or _probe(raw, limits, resource=True) is None:
+        problem = _attributes_problem(pb_resource.attributes, limits)
+        if problem is not None:
+            return "attributes" + problem
+    return None
+
+
+_FIELD = descriptor_pb2.FieldDescriptorProto
+# The OTLP fields that a probe reads past, by field number. Declared, because upb decodes an
+# unknown field more slowly than a known one; "bytes" stands for strings and sub-messages too.
+_PROBE_SCALARS = {
+    "Span": {7: "fixed64", 8: "fixed64", 16: "fixed32"}
+    | dict.fromkeys((1, 2, 3, 4, 5, 15), "bytes") | dict.fromkeys((6, 10, 12, 14), "uint64"),
+    "Event": {1: "fixed64", 2: "bytes", 4: "uint64"},
+    "Link": {1: "bytes", 2: "bytes", 3: "bytes", 5: "uint64", 6: "fixed32"},
+    "Resource": {2: "uint64"},
+    "KeyValue": {1: "bytes"},
+    "Value": {1: "bytes", 2: "uint64", 3: "uint64", 4: "fixed64", 7: "bytes"},
+}
+
+
+@functools.cache
+def _probe_types(max_depth: int) -> tuple[type[Message], type[Message]]:
+    """Message types that parse a Span (and a Resource) keeping only how attribute values nest.
+
+    They mirror the OTLP types (wire-compatible, strings read as bytes) with the path down to
+    nested values made *singular*: protobuf merges the repeated occurrences of a singular
+    message field, so the attributes of all the spans of a buffer of concatenated spans fold
+    into one tree of at most ``max_depth + 1`` levels: a few allocations per request, none per
+    attribute. Past ``max_depth`` the tree ends in a message whose required field is of its own
+    type, which no finite input can set: ``IsInitialized()`` is False exactly when some value
+    nests too deep. Events and links stay repeated, so that their numbers can be read.
+    """
+    package = f"outcomewatch.probe{max_depth}"
+    file = descriptor_pb2.FileDescriptorProto(
+        name=f"outcomewatch/probe{max_depth}.proto", package=package, syntax="proto2"
+    )
+
+    def message(name: str, fields: dict[int, str], *, label: int = _FIELD.LABEL_OPTIONAL,
+                repeated: tuple[int, ...] = ()) -> None:
+        """Message ``name`` (as Value3 or Value) with message-typed ``fields`` by number."""
+        pb_message = file.message_type.add(name=name)
+        for number, scalar in _PROBE_SCALARS.get(name.rstrip("0123456789"), {}).items():
+            pb_message.field.add(name=f"f{number}", number=number, label=_FIELD.LABEL_OPTIONAL,
+                                 type=getattr(_FIELD, f"TYPE_{scalar.upper()}"))
+        for number, type_name in fields.items():
+            pb_message.field.add(
+                name=f"f{number}", number=number, type=_FIELD.TYPE_MESSAGE,
+                label=_FIELD.LABEL_REPEATED if number in repeated else label,
+                type_name=f".{package}.{type_name}",
+            )
+
+    message("TooDeep", {1: "TooDeep"}, label=_FIELD.LABEL_REQUIRED)
+    for level in range(1, max_depth + 2):
+        array, kvlist = f"Array{level}", f"KvList{level}"
+        if level > max_depth:
+            array = kvlist = "TooDeep"
+        else:
+            message(array, {1: f"Value{level + 1}"})
+            message(kvlist, {1: f"KeyValue{level + 1}"})
+        message(f"Value{level}", {5: array, 6: kvlist})
+        message(f"KeyValue{level}", {2: f"Value{level}"})
+    message("Event", {3: "KeyValue1"})
+    message("Link", {4: "KeyValue1"})
+    message("Span", {9: "KeyValue1", 11: "Event", 13: "Link"}, repeated=(11, 13))
+    message("Resource", {1: "KeyValue1"})
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    return (
+        message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.Span")),
+        message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.Resource")),
+    )
+
+
+def _probe(raw: bytes, limits: SpanLimits, *, resource: bool = False) -> Any:
+    """``raw`` (concatenated spans, or a resource) parsed by a probe type; None when a value
+    nests deeper than the limit (or the probe cannot parse it, which says the same)."""
+    probe_type = _probe_types(limits.max_value_depth)[1 if resource else 0]
+    try:
+        probe = probe_type.FromString(raw)
+    except DecodeError:
+        return None
+    return probe if probe.IsInitialized() else None
+
+
+def _located_spans(request: ExportTraceServiceRequest) -> Iterator[tuple[str, PbSpan]]:
+    for r, pb_resource_spans in enumerate(request.resource_spans):
+        for s, pb_scope_spans in enumerate(pb_resource_spans.scope_spans):
+            for i, pb_span in enumerate(pb_scope_spans.spans):
+                yield f"resource_spans[{r}].scope_spans[{s}].spans[{i}]", pb_span
+
+
+def _recheck(
+    batch: SpanBatch, request: ExportTraceServiceRequest, limits: SpanLimits, *, deep: bool
+) -> None:
+    """Reject the accepted spans over the limits that ``batch_from_request`` checks once per
+    request: too many events or links, or (``deep``) values nested too deep. Slow, and run only
+    for a request that the cheap check says holds such a span."""
+    accepted, rejected = set(batch.raw), set()
+    for where, pb_span in _located_spans(request):
+        too_many = (
+            len(pb_span.events) > limits.max_events_per_span
+            or len(pb_span.links) > limits.max_links_per_span
+        )
+        if not too_many and not deep:
+            continue
+        raw = pb_span.SerializeToString()
+        if raw not in accepted or raw in rejected:
+            continue  # rejected already
+        if too_many or _probe(raw, limits) is None:
+            problem = _span_problem(pb_span, limits)
+            if problem is not None:
+                rejected.add(raw)
+                batch.problems.append(f"{where}: {problem}")
+    if rejected:
+        keep = [k for k, raw in enumerate(batch.raw) if raw not in rejected]
+        batch.rejected += len(batch) - len(keep)
+        batch._keep(keep)
+
+
+def batch_from_request(
+    request: ExportTraceServiceRequest,
+    *,
+    received_ns: int,
+    limits: SpanLimits = DEFAULT_LIMITS,
+) -> SpanBatch:
+    """Validate ids and limits and read the scalar columns of every span of ``request``.
+
+    Spans with ids of the wrong length or over ``limits`` are rejected one by one (counted in
+    ``rejected``, named in ``problems``), as OTLP partial success expects; the rest are accepted.
+    Unknown enum values (span kind, status code) are kept as sent. A request with no spans
+    gives an empty batch: exporters do send them, and OTLP counts them a success.
+
+    The limits cost little per span, and no attribute is decoded unless a span is over one:
+    ``len(attributes)`` is read for every span, and the size of the span's serialised bytes
+    (made anyway, for ``raw``) bounds its largest value, so only a span larger than
+    ``max_attribute_value_bytes`` has its values measured. Nesting depth and the numbers of
+    events and links are checked once per request, by parsing all accepted spans at once into
+    a probe type (see ``_probe_types``); only when that finds a problem is each span rechecked.
     """
     batch = SpanBatch(received_ns=received_ns)
+    max_attributes, max_bytes = limits.max_attributes_per_span, limits.max_attribute_value_bytes
     # Local aliases: this loop runs once per received span.
     append_trace, append_span = batch.trace_id.append, batch.span_id.append
     append_parent, append_name = batch.parent_span_id.append, batch.name.append
@@ -165,24 +414,38 @@ def batch_from_request(request: ExportTraceServiceRequest, *, received_ns: int) 
     append_raw_resource, append_pb = batch.raw_resource.append, batch._pb_spans.append
     append_resource_of = batch._resource_of.append
     for r, pb_resource_spans in enumerate(request.resource_spans):
+        raw_resource = pb_resource_spans.resource.SerializeToString()
+        problem = _resource_problem(pb_resource_spans.resource, raw_resource, limits)
+        if problem is not None:
+            # Checked before the resource is decoded: that is done in Python, in full.
+            count = sum(len(pb_scope_spans.spans) for pb_scope_spans in
+                        pb_resource_spans.scope_spans)
+            if count:
+                batch.rejected += count
+                batch.problems.append(
+                    f"resource_spans[{r}].resource: {problem} (its {count} spans are rejected)"
+                )
+            continue
         resource = attributes(pb_resource_spans.resource.attributes)
         service_value = resource.get("service.name")
         service = service_value if isinstance(service_value, str) else ""
-        raw_resource = pb_resource_spans.resource.SerializeToString()
         resource_index = len(batch._resources)
         batch._resources.append(resource)
         for s, pb_scope_spans in enumerate(pb_resource_spans.scope_spans):
             scope = pb_scope_spans.scope.name
             for i, pb_span in enumerate(pb_scope_spans.spans):
                 trace_id, span_id = pb_span.trace_id, pb_span.span_id
+                raw = pb_span.SerializeToString()
                 if len(trace_id) != 16 or len(span_id) != 8 or trace_id == _ZERO_TRACE or (
                     span_id == _ZERO_SPAN or len(pb_span.parent_span_id) not in (0, 8)
-                ):
-                    batch.rejected += 1
-                    batch.problems.append(
-                        f"resource_spans[{r}].scope_spans[{s}].spans[{i}]: {_id_problem(pb_span)}"
-                    )
-                    continue
+                ) or len(raw) > max_bytes or len(pb_span.attributes) > max_attributes:
+                    problem = _span_problem(pb_span, limits)
+                    if problem is not None:
+                        batch.rejected += 1
+                        batch.problems.append(
+                            f"resource_spans[{r}].scope_spans[{s}].spans[{i}]: {problem}"
+                        )
+                        continue
                 status = pb_span.status
                 append_trace(trace_id.hex())
                 append_span(span_id.hex())
@@ -195,81 +458,35 @@ def batch_from_request(request: ExportTraceServiceRequest, *, received_ns: int) 
                 append_end(pb_span.end_time_unix_nano)
                 append_code(status.code)
                 append_message(status.message)
-                append_raw(pb_span.SerializeToString())
+                append_raw(raw)
                 append_raw_resource(raw_resource)
                 append_pb(pb_span)
                 append_resource_of(resource_index)
+    if batch.raw:
+        probe = _probe(b"".join(batch.raw), limits)
+        if probe is None:
+            _recheck(batch, request, limits, deep=True)
+        elif (
+            len(probe.f11) > limits.max_events_per_span
+            or len(probe.f13) > limits.max_links_per_span
+        ):
+            _recheck(batch, request, limits, deep=False)
     return batch
 
 
 def parse_protobuf(body: bytes) -> ExportTraceServiceRequest:
-    """Binary OTLP; raise InvalidPayload for bytes that are not an ExportTraceServiceRequest."""
+    """Binary OTLP; raise InvalidPayload for bytes that are not an ExportTraceServiceRequest
+    (invalid UTF-8 in a string field among them: protobuf refuses the whole message).
+
+    An empty body is a valid, empty request."""
     request = ExportTraceServiceRequest()
     try:
         request.ParseFromString(body)
     except (DecodeError, RuntimeError, ValueError) as exc:
-        raise InvalidPayload(f"invalid protobuf ExportTraceServiceRequest: {exc}") from exc
-    return request
-
-
-# OTLP/JSON differs from the canonical protobuf JSON mapping in one way that matters: trace and
-# span ids are hex, not base64. These are the fields that carry them.
-_ID_FIELDS = ("traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id")
-
-
-def _hex_ids_to_base64(obj: dict[str, Any], where: str) -> None:
-    for key in _ID_FIELDS:
-        value = obj.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, str):
-            raise InvalidPayload(f"{where}.{key}: must be a hex string, got {type(value).__name__}")
-        try:
-            obj[key] = base64.b64encode(bytes.fromhex(value)).decode("ascii")
-        except ValueError as exc:
-            raise InvalidPayload(f"{where}.{key}: {value!r} is not hex") from exc
-
-
-def _list(obj: dict[str, Any], *keys: str) -> Sequence[Any]:
-    for key in keys:
-        value = obj.get(key)
-        if value is not None:
-            if not isinstance(value, list):
-                raise InvalidPayload(f"{key}: must be a list, got {type(value).__name__}")
-            return value
-    return ()
-
-
-def parse_json(body: bytes) -> ExportTraceServiceRequest:
-    """OTLP/JSON (hex ids, lowerCamelCase or snake_case keys; unknown fields ignored, as the
-    OTLP spec asks of receivers); raise InvalidPayload naming the offending field."""
-    try:
-        document = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidPayload(f"invalid JSON: {exc}") from exc
-    except RecursionError as exc:
-        # A body like b"[" * 100_000 is cheap to send; it must be a 400, not a crash.
-        raise InvalidPayload("invalid JSON: nested too deeply") from exc
-    if not isinstance(document, dict):
-        raise InvalidPayload("invalid OTLP/JSON: the body must be a JSON object")
-    for r, resource_spans in enumerate(_list(document, "resourceSpans", "resource_spans")):
-        if not isinstance(resource_spans, dict):
-            raise InvalidPayload(f"resourceSpans[{r}]: must be an object")
-        for s, scope_spans in enumerate(_list(resource_spans, "scopeSpans", "scope_spans")):
-            if not isinstance(scope_spans, dict):
-                raise InvalidPayload(f"resourceSpans[{r}].scopeSpans[{s}]: must be an object")
-            for i, span in enumerate(_list(scope_spans, "spans")):
-                where = f"resourceSpans[{r}].scopeSpans[{s}].spans[{i}]"
-                if not isinstance(span, dict):
-                    raise InvalidPayload(f"{where}: must be an object")
-                _hex_ids_to_base64(span, where)
-                for k, link in enumerate(_list(span, "links")):
-                    if not isinstance(link, dict):
-                        raise InvalidPayload(f"{where}.links[{k}]: must be an object")
-                    _hex_ids_to_base64(link, f"{where}.links[{k}]")
-    request = ExportTraceServiceRequest()
-    try:
-        json_format.ParseDict(document, request, ignore_unknown_fields=True)
-    except (json_format.ParseError, ValueError, TypeError, RecursionError) as exc:
-        raise InvalidPayload(f"invalid OTLP/JSON: {exc}") from exc
+        reason = str(exc)
+        if "UTF-8" in reason:
+            reason = f"a string field holds invalid UTF-8 ({reason})"
+        elif "MaxDepth" in reason:
+            reason = f"messages nested too deeply ({reason})"
+        raise InvalidPayload(f"invalid protobuf ExportTraceServiceRequest: {reason}") from exc
     return request

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import socket
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -29,13 +31,25 @@ from outcomewatch.analyzer.engine import Engine
 from outcomewatch.analyzer.evidence import failure_detail, failure_summary
 from outcomewatch.api.app import create_app
 from outcomewatch.clock import Clock, system_clock, to_ns
-from outcomewatch.model import RunEvent, RunFailed, RunOpened, RunPassed
+from outcomewatch.config import NotifyConfig, load_config
+from outcomewatch.incidents.notify import Notifier
+from outcomewatch.metrics import Metrics
+from outcomewatch.model import (
+    GroupValues,
+    LateOutcome,
+    RunEvent,
+    RunFailed,
+    RunOpened,
+    RunPassed,
+    Span,
+)
 from outcomewatch.otlp import SpanBatch, decode_stored_span
 from outcomewatch.receiver.grpc import start_grpc_receiver
 from outcomewatch.receiver.http import create_http_receiver
 from outcomewatch.receiver.limits import Limits
 from outcomewatch.rules import RuleSet, load_rules
-from outcomewatch.store.duckdb import IncidentFacts, Store
+from outcomewatch.store.duckdb import IncidentFacts, PassStreak, Store
+from outcomewatch.store.incidents import Action, ActionResult
 from outcomewatch.store.queries import Reader
 
 log = logging.getLogger(__name__)
@@ -64,6 +78,10 @@ class Settings:
     trace_idle: timedelta = timedelta(seconds=10)
     tick: timedelta = timedelta(milliseconds=100)
     limits: Limits = field(default_factory=Limits)
+    config: str | None = None  # notification routes and incident settings (YAML)
+    api_token: str | None = None  # bearer token for API writes
+    api_read_token: str | None = None  # bearer token for API reads
+    notify_interval: timedelta = timedelta(seconds=1)  # how often the outbox is polled
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -88,6 +106,8 @@ class Server:
         self.settings = settings
         self.clock = clock
         self.rules: RuleSet = load_rules(list(settings.rules))
+        self.notify: NotifyConfig = load_config(settings.config)
+        self.metrics = Metrics()
         self.engine = Engine(self.rules, idle=settings.trace_idle, clock=clock)
         self.store: Store | None = None
         self.grpc_port = 0
@@ -98,6 +118,7 @@ class Server:
         self._tasks: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
         self._ready = False
+        self._notifier: Notifier | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -106,17 +127,27 @@ class Server:
             log.warning("protobuf uses the %s backend; ingest will be ~100x slower than with upb",
                         api_implementation.Type())
         Path(self.settings.db).parent.mkdir(parents=True, exist_ok=True)
-        self.store = Store(self.settings.db)
+        self.store = Store(self.settings.db,
+                           on_commit=self.metrics.storage_write_seconds.observe)
+        self.metrics.watch_open_incidents(self.store.open_incident_counts)
         await self._recover()
         self._grpc, self.grpc_port = await start_grpc_receiver(
-            self._ingest, host=self.settings.grpc.host, port=self.settings.grpc.port,
+            self._ingest_from("grpc"), host=self.settings.grpc.host, port=self.settings.grpc.port,
             limits=self.settings.limits,
         )
-        http_app = create_http_receiver(self._ingest, limits=self.settings.limits)
-        api_app = create_app(Reader(self.store.conn), ready=lambda: self._ready)
+        http_app = create_http_receiver(self._ingest_from("http"), limits=self.settings.limits)
+        api_app = create_app(
+            Reader(self.store.conn), ready=lambda: self._ready and self.store is not None
+            and self.store.healthy, actions=self._act, api_token=self.settings.api_token,
+            read_token=self.settings.api_read_token, metrics=self.metrics.render,
+        )
         self.http_port = await self._serve_asgi(http_app, self.settings.http)
         self.api_port = await self._serve_asgi(api_app, self.settings.api)
         self._background.append(asyncio.create_task(self._tick_loop()))
+        self._notifier = Notifier(self.store, self.notify, clock=self.clock)
+        self._background.append(asyncio.create_task(
+            self._notifier.run_forever(interval=self.settings.notify_interval)))
+        self._warn_unrouted()
         self._ready = True
         log.info(
             "outcomewatch serving: OTLP/gRPC %s:%d, OTLP/HTTP %s:%d, API http://%s:%d; %d rules",
@@ -138,10 +169,27 @@ class Server:
         decided = await asyncio.to_thread(
             self.store.decided_run_ids, sorted({span.trace_id for span, _ in spans}))
         self.engine.forget_closed(decided)
-        events = self.engine.replay(spans)
-        self._record_runs(events)
+        self._handle(self.engine.replay(spans))
         log.info("recovered %d spans: %d live traces, %d open runs",
                  len(spans), self.engine.live_traces, self.engine.open_runs)
+
+    async def _act(
+        self, incident_id: int, action: Action, *, actor: str, comment: str | None
+    ) -> ActionResult:
+        """A person's acknowledge / resolve / reopen, from the API."""
+        assert self.store is not None
+        routes = {rule.route: self.notify.targets_for(rule.route) for rule in self.rules.rules}
+        return await self.store.act(incident_id, action, actor=actor, comment=comment,
+                                    at=self.clock(), targets_for_route=routes)
+
+    def _warn_unrouted(self) -> None:
+        """A rule whose route has no target gets no notifications: say so once, at start."""
+        if not self.notify.routes:
+            return
+        for rule in self.rules.rules:
+            if rule.route and not self.notify.targets_for(rule.route):
+                log.warning("rule %s: route %r has no notification target in the config",
+                            rule.name, rule.route)
 
     async def _serve_asgi(self, app: ASGIApp, address: Address) -> int:
         sock = _bind(address)
@@ -167,6 +215,8 @@ class Server:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._notifier is not None:
+            await self._notifier.aclose()
         if self.store is not None:
             await asyncio.to_thread(self.store.close)
 
@@ -184,26 +234,68 @@ class Server:
 
     # -- the pipeline ---------------------------------------------------------------------
 
+    def _ingest_from(self, transport: str) -> Callable[[SpanBatch], Awaitable[None]]:
+        received = self.metrics.spans_received.labels(transport)
+        rejected = self.metrics.spans_rejected.labels(transport)
+
+        async def ingest(batch: SpanBatch) -> None:
+            if batch.rejected:
+                rejected.inc(batch.rejected)
+            await self._ingest(batch)
+            received.inc(len(batch))
+
+        return ingest
+
     async def _ingest(self, batch: SpanBatch) -> None:
         assert self.store is not None
         if not len(batch):
             return
         await self.store.append_spans(batch)
-        self._record_runs(self.engine.observe(batch))
+        self._handle(self.engine.observe(batch))
 
-    def _record_runs(self, events: list[RunEvent]) -> None:
+    def _handle(self, events: Sequence[RunEvent]) -> None:
+        """Persist what the engine decided: opened and passed runs and late outcomes are queued
+        to the writer in order; each failure first reads its trace for evidence."""
         assert self.store is not None
         opened = [e for e in events if isinstance(e, RunOpened)]
         passed = [e for e in events if isinstance(e, RunPassed)]
-        self.store.record_runs(opened, passed)
+        late = [e for e in events if isinstance(e, LateOutcome)]
+        if opened or passed:
+            self.store.record_runs(opened, passed, self._streaks(passed))
+        for opened_run in opened:
+            self.metrics.runs.labels(opened_run.rule, "opened").inc()
+        for passed_run in passed:
+            self.metrics.runs.labels(passed_run.rule, "passed").inc()
+            self.metrics.time_to_outcome.labels(passed_run.rule, "passed").observe(
+                (passed_run.closed_at - passed_run.opened_at).total_seconds())
+        for outcome in late:
+            self.metrics.late_outcomes.labels(outcome.rule).inc()
+        self.store.record_late_outcomes(late)
+        for failure in events:
+            if isinstance(failure, RunFailed):
+                self.metrics.runs.labels(failure.rule, "failed").inc()
+                self.metrics.time_to_outcome.labels(failure.rule, "failed").observe(
+                    (failure.closed_at - failure.opened_at).total_seconds())
+                task = asyncio.create_task(self._record_failure(failure))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    def _streaks(self, passed: Sequence[RunPassed]) -> list[PassStreak]:
+        counts = Counter((run.rule, group_key(run.group)) for run in passed)
+        streaks = []
+        for (name, key), count in counts.items():
+            rule = self.rules.by_name(name)
+            if rule is not None:
+                streaks.append(PassStreak(name, key, count, rule.resolve_after,
+                                          self.notify.targets_for(rule.route)))
+        return streaks
 
     async def _tick_loop(self) -> None:
         interval = self.settings.tick.total_seconds()
         while True:
-            for failure in self.engine.tick():
-                task = asyncio.create_task(self._record_failure(failure))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+            self._handle(self.engine.tick())
+            self.metrics.live_traces.set(self.engine.live_traces)
+            self.metrics.open_runs.set(self.engine.open_runs)
             await asyncio.sleep(interval)
 
     async def _record_failure(self, failure: RunFailed) -> None:
@@ -212,17 +304,29 @@ class Server:
         if rule is None:  # the rule was removed since the run opened
             return
         try:
-            # Spans of the trace that no rule looks at may have arrived before the first one the
-            # engine saw (children end, and are exported, before their parents): look back from
-            # whichever is earlier, the trigger's start or that first arrival, with a margin
-            # for clock skew between the client and us.
-            since = min(failure.trigger.start_ns, failure.first_received_ns) - _LOOKBACK_NS
-            stored = await asyncio.to_thread(self.store.trace_spans_since, failure.trace_id, since)
-            spans = [decode_stored_span(raw, res, scope=scope) for raw, res, scope in stored]
+            spans: list[Span] = []
+            if failure.trigger is not None:
+                # Spans of the trace that no rule looks at may have arrived before the first
+                # one the engine saw (children end, and are exported, before their parents):
+                # look back from whichever is earlier, the trigger's start or that first
+                # arrival, with a margin for clock skew between the client and us.
+                since = min(failure.trigger.start_ns, failure.first_received_ns) - _LOOKBACK_NS
+                stored = await asyncio.to_thread(
+                    self.store.trace_spans_since, failure.trace_id, since)
+                spans = [decode_stored_span(raw, res, scope=scope) for raw, res, scope in stored]
             facts = IncidentFacts(
                 severity=rule.severity.value, owner=rule.owner, route=rule.route,
-                summary=failure_summary(rule, failure),
+                summary=failure_summary(rule, failure), description=rule.description,
+                group_key=group_key(failure.group), open_after=rule.open_after,
+                resolve_after=rule.resolve_after,
+                reopen_window=rule.reopen_within or self.notify.reopen_window,
+                targets=self.notify.targets_for(rule.route),
             )
             await self.store.record_failure(failure, facts, failure_detail(rule, failure, spans))
         except Exception:
             log.exception("could not record the failure of run %s", failure.run_id)
+
+
+def group_key(group: GroupValues) -> str:
+    """The stored key of a group_by value set: canonical JSON ('' for an ungrouped rule)."""
+    return json.dumps(dict(group), sort_keys=True, default=str) if group else ""

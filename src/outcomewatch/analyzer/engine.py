@@ -1,84 +1,145 @@
-"""The outcome engine: live traces, open runs, verdicts.
+"""The outcome engine: live traces, open runs, verdicts. The reference for what a rule means.
 
-Contract:
-- ``observe(batch)`` takes spans that are already committed and returns what changed (runs opened
-  and passed). ``tick()`` returns the runs that failed because their trace went idle or their
-  deadline passed. Both are synchronous and do no I/O; the caller persists the events.
-- A trigger span opens one run per (rule, trigger span): the run id is derived from both, so a
-  retried export (or a restart replaying spans) never opens a second one.
-- Only spans whose *name* some selector can match are decoded (attributes, events); the rest cost
-  a dictionary lookup each. The name decision is cached per distinct span name.
-- A trace is live while it has an open run or a candidate span, until it has been idle for
-  ``idle`` (no new span of any kind). Runs of rules with ``within`` wait for their deadline
-  instead of the idle time, since their outcome may come from slow asynchronous work.
+Contract
+- ``observe(batch)`` takes spans that are already committed; ``replay(spans)`` takes stored
+  (span, received_ns) pairs after a restart; ``tick()`` advances time. Each returns the events
+  it decided, in order (a run's RunOpened before its verdict): RunOpened, RunPassed, RunFailed,
+  LateOutcome. All synchronous, no I/O, time read only from the injected clock.
+- Only spans whose *name* some selector (trigger, expect or forbid) can match are decoded; the
+  rest cost a dictionary lookup (plus, when some rule has ``correlate``, a look at whether the
+  span has links). The decision is cached per distinct span name.
+
+Runs
+- A span matching a rule's ``trigger`` opens one run per (rule, trigger span): the run id is
+  ``run_id_for(rule, trace_id, span_id)``, so a re-sent trigger never opens a second run.
+- An expectation counts the *distinct* spans (by trace and span id) that match its selector
+  (name, service, status, ``where``, ``duration``) in the trigger's trace, whenever they arrive:
+  spans sent before the trigger count too. With ``after: trigger`` only spans whose start_ns is
+  >= the trigger's start_ns count. It is met when the count reaches ``count.gte``: 1 without
+  ``count``, 0 for a count without ``gte`` (``{lte: 1}``: at most once) or ``gte: 0``.
+- The run passes as soon as every expectation is met, unless some expectation has an upper
+  bound (``count.lte``): then it can only pass when its wait ends, since another match could
+  still come. A match beyond ``lte`` fails the run at once: reason ``count``, the surplus spans
+  in ``offending``.
+- ``max_duration``: when every expectation is met but the latest end_ns among the counted spans
+  is more than ``max_duration`` after the trigger's start_ns, the run fails (``max_duration``)
+  instead of passing.
+- ``forbid``: a span of the trigger's trace matching a ``forbid`` selector, sent before or after
+  the trigger, fails the open run at once: reason ``forbidden``, that span in ``offending``,
+  ``missing`` the expectations still unmet. Checked before counts and max_duration.
+- The wait: a rule with ``within`` waits until trigger start + ``within`` (never later than
+  opening time + ``within``: a client clock ahead of ours does not extend it), reason
+  ``deadline``; without it the run waits for its trace to be idle for ``idle`` (no span of any
+  kind), reason ``trace_idle``. Runs ended this way list the unmet expectations in ``missing``.
+- ``group_by``: the trigger's values of those keys (attributes, then resource; missing: None),
+  on RunPassed and RunFailed as ``group``.
+- ``correlate`` (always with ``within``): an expectation may also be met by spans of other
+  traces (1) that carry the trigger's values of every ``correlate`` key (attributes, then
+  resource; a trigger missing a key correlates by links only), or (2) of a trace X in which
+  some span has an OTel link into the trigger's trace (to any of its spans): all of X counts.
+  Such spans and links are held for the longest ``within`` of the correlated rules (clock time
+  since seen), so outcomes sent before the trigger count. Links are read from every span while
+  a correlated rule is loaded. The run's ``trace_id`` is its trigger's; ``forbid`` looks at the
+  trigger's trace only.
+- Verdicts are final. After a failure, the run's unmet expectations are remembered (the 10,000
+  most recent failed runs, for 24h of clock time) by its trace (and correlate values): a
+  matching span arriving later gives one LateOutcome per (run, expectation), nothing else.
+
+Schedules (``schedule``): every cron slot is judged once, when the clock passes slot + grace.
+A trigger span of the rule that *started* within [slot - grace, slot + grace] keeps the slot (a
+start keeps one slot only); otherwise a RunFailed with reason ``missed``, trigger None, trace_id
+"", id ``run_id_for(rule, "schedule", slot.isoformat())``, opened_at the slot. A trigger span is
+exported when it *ends*: one that runs longer than its grace is seen too late and the slot is
+reported missed, so make the trigger a span that ends soon after the job starts. Slots after
+``schedule_since[rule]`` (else after the engine's creation) are judged; ``schedule_progress()``
+tells how far each rule has been judged, for the next ``schedule_since``.
+
+Bounded state: per trace and expectation at most ``lte + 1`` (else ``gte``) matching spans are
+held (for ``after: trigger``: the latest-starting), one per forbid selector, so a huge trace
+costs no more than a small one. ``max_live_traces`` / ``max_live_spans`` (held spans: those kept
+plus the triggers of open runs) bound the rest: past either after an observe, the oldest live
+traces (by first seen) are dropped until under budget, each of their open runs failing with
+reason ``evicted``; ``evicted_traces`` counts them. A trace is live while it holds a run or a
+span, until it has been idle for ``idle`` and has no run with a pending deadline.
 """
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 from collections import OrderedDict
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 
-from outcomewatch.clock import Clock
-from outcomewatch.model import FailureReason, RunEvent, RunFailed, RunOpened, RunPassed, Span
+from outcomewatch.analyzer.correlate import Correlation
+from outcomewatch.analyzer.late import LateOutcomes
+from outcomewatch.analyzer.runs import (
+    NO_INTEREST,
+    CompiledRule,
+    Expect,
+    Forbid,
+    Interest,
+    LiveTrace,
+    OpenRun,
+    Verdict,
+    compile_rules,
+    correlation_key,
+    group_values,
+    interest_in,
+    run_id_for,
+)
+from outcomewatch.analyzer.schedule import ScheduleWatch
+from outcomewatch.clock import Clock, from_ns
+from outcomewatch.model import (
+    FailureReason,
+    RunEvent,
+    RunFailed,
+    RunOpened,
+    RunPassed,
+    Span,
+)
 from outcomewatch.otlp import SpanBatch
-from outcomewatch.rules import Rule, RuleSet, Selector
+from outcomewatch.rules import RuleSet
 
 _CLOSED_MEMORY = 100_000  # run ids remembered after their verdict, to ignore re-sent triggers
+_INTEREST_MEMORY = 65_536  # distinct span names cached; past it the cache starts over
+
+__all__ = ["Engine", "run_id_for"]
 
 
-def run_id_for(rule: str, trace_id: str, span_id: str) -> str:
-    """Deterministic: the same trigger span always maps to the same run."""
-    return hashlib.blake2b(f"{rule}\0{trace_id}\0{span_id}".encode(), digest_size=12).hexdigest()
-
-
-@dataclass(frozen=True, slots=True)
-class _Interest:
-    """What a span of a given name may be: a trigger of some rules, an outcome of others."""
-
-    triggers: tuple[Rule, ...]
-    outcomes: tuple[Selector, ...]
-
-
-_NO_INTEREST = _Interest((), ())
-
-
-@dataclass(slots=True)
-class _OpenRun:
-    run_id: str
-    rule: Rule
-    trigger: Span
-    opened_at: datetime
-    deadline_at: datetime | None
-    unmet: list[Selector]
-
-
-@dataclass(slots=True)
-class _LiveTrace:
-    trace_id: str
-    last_seen: datetime
-    first_received_ns: int
-    candidates: list[Span] = field(default_factory=list)
-    runs: dict[str, _OpenRun] = field(default_factory=dict)
+def _link_targets(batch: SpanBatch, i: int) -> list[str]:
+    """The trace ids span ``i`` links to, read without decoding its attributes."""
+    return [link.trace_id.hex() for link in batch._pb_spans[i].links]
 
 
 class Engine:
-    def __init__(self, rules: RuleSet, *, idle: timedelta, clock: Clock) -> None:
+    def __init__(
+        self,
+        rules: RuleSet,
+        *,
+        idle: timedelta,
+        clock: Clock,
+        max_live_traces: int | None = None,
+        max_live_spans: int | None = None,
+        schedule_since: Mapping[str, datetime] | None = None,
+    ) -> None:
         self._idle = idle
         self._clock = clock
-        self._live: dict[str, _LiveTrace] = {}
+        self._max_traces = max_live_traces
+        self._max_spans = max_live_spans
+        self._rules = compile_rules(rules)
+        self._interest: dict[str, Interest] = {}
+        within = [r.rule.within for r in self._rules if r.correlated and r.rule.within]
+        self._correlation = Correlation(max(within)) if within else None
+        self._late = LateOutcomes()
+        self._schedules = ScheduleWatch(rules.rules, schedule_since, clock())
+        self._live: dict[str, LiveTrace] = {}  # in the order first seen
         # (due time, sequence, trace id); an entry may be stale, and is re-checked when popped.
         self._due: list[tuple[datetime, int, str]] = []
         self._sequence = 0
         self._closed: OrderedDict[str, None] = OrderedDict()
-        self.load_rules(rules)
-
-    def load_rules(self, rules: RuleSet) -> None:
-        self._rules = rules
-        self._interest: dict[str, _Interest] = {}
+        self._open = 0
+        self._held = 0
+        self.evicted_traces = 0
 
     @property
     def live_traces(self) -> int:
@@ -86,36 +147,48 @@ class Engine:
 
     @property
     def open_runs(self) -> int:
-        return sum(len(t.runs) for t in self._live.values())
+        return self._open
+
+    @property
+    def held_spans(self) -> int:
+        """Spans held by live traces (kept candidates and open runs' triggers)."""
+        return self._held
+
+    @property
+    def correlated_spans(self) -> int:
+        """Spans held for correlated rules (bounded in time, not by ``max_live_spans``)."""
+        return self._correlation.held if self._correlation is not None else 0
+
+    def schedule_progress(self) -> dict[str, datetime]:
+        """Per scheduled rule, the instant up to which its slots have been judged."""
+        return self._schedules.progress()
 
     def forget_closed(self, run_ids: list[str]) -> None:
         """Mark runs as already decided (used when rebuilding state after a restart)."""
         for run_id in run_ids:
             self._remember_closed(run_id)
 
-    def _interest_in(self, name: str) -> _Interest:
-        interest = self._interest.get(name)
-        if interest is None:
-            triggers = tuple(r for r in self._rules.rules if r.trigger.matches_name(name))
-            outcomes = tuple(
-                s for r in self._rules.rules for s in r.expect if s.matches_name(name)
-            )
-            interest = _Interest(triggers, outcomes) if triggers or outcomes else _NO_INTEREST
-            self._interest[name] = interest
-        return interest
+    # -- spans in --------------------------------------------------------------------------
 
     def observe(self, batch: SpanBatch) -> list[RunEvent]:
         now = self._clock()
         events: list[RunEvent] = []
+        self._expire(now)
+        live = self._live
         for trace_id in set(batch.trace_id):
-            live = self._live.get(trace_id)
-            if live is not None:
-                live.last_seen = now
+            trace = live.get(trace_id)
+            if trace is not None:
+                trace.last_seen = now
+        interest_of = self._interest.get
+        links = self._correlation is not None
         for i, name in enumerate(batch.name):
-            interest = self._interest.get(name) or self._interest_in(name)
-            if interest is _NO_INTEREST:
+            interest = interest_of(name) or self._interest_in(name)
+            if interest is NO_INTEREST:
+                if links and batch._pb_spans[i].links:
+                    self._link(batch.trace_id[i], _link_targets(batch, i), now, events)
                 continue
             self._observe_span(batch.decode(i), interest, batch.received_ns, now, events)
+        self._enforce_budget(now, events)
         return events
 
     def replay(self, spans: Iterable[tuple[Span, int]]) -> list[RunEvent]:
@@ -124,79 +197,192 @@ class Engine:
         ``forget_closed`` so that their re-read triggers open nothing."""
         now = self._clock()
         events: list[RunEvent] = []
+        self._expire(now)
         for span, received_ns in spans:
-            live = self._live.get(span.trace_id)
-            if live is not None:
-                live.last_seen = now
+            trace = self._live.get(span.trace_id)
+            if trace is not None:
+                trace.last_seen = now
             interest = self._interest.get(span.name) or self._interest_in(span.name)
-            if interest is not _NO_INTEREST:
+            if interest is not NO_INTEREST:
                 self._observe_span(span, interest, received_ns, now, events)
+            elif self._correlation is not None and span.links:
+                self._link(span.trace_id, [link.trace_id for link in span.links], now, events)
+        self._enforce_budget(now, events)
         return events
 
+    def _interest_in(self, name: str) -> Interest:
+        if len(self._interest) >= _INTEREST_MEMORY:
+            self._interest.clear()
+        interest = self._interest[name] = interest_in(self._rules, name)
+        return interest
+
     def _observe_span(
-        self, span: Span, interest: _Interest, received_ns: int, now: datetime,
+        self, span: Span, interest: Interest, received_ns: int, now: datetime,
         events: list[RunEvent],
     ) -> None:
-        is_outcome = any(s.matches(span) for s in interest.outcomes)
-        triggered = [r for r in interest.triggers if r.trigger.matches(span)]
-        if not is_outcome and not triggered:
+        if self._correlation is not None and span.links:
+            self._link(span.trace_id, [link.trace_id for link in span.links], now, events)
+        expects = [e for e in interest.expects if e.selector.matches(span)]
+        forbids = [f for f in interest.forbids if f.selector.matches(span)]
+        triggered = [r for r in interest.triggers if r.rule.trigger.matches(span)]
+        if not expects and not forbids and not triggered:
             return
         live = self._live.get(span.trace_id)
         if live is None:
-            live = _LiveTrace(span.trace_id, now, received_ns)
-            self._live[span.trace_id] = live
+            live = self._live[span.trace_id] = LiveTrace(span.trace_id, now, received_ns)
             self._schedule(live, now + self._idle)
-        if is_outcome:
-            live.candidates.append(span)
-            for run in list(live.runs.values()):
-                self._satisfy(run, span, live, now, events)
+        for expect in expects:
+            self._outcome(live, expect, span, now, events)
+        for forbid in forbids:
+            self._forbidden(live, forbid, span, now, events)
         for rule in triggered:
-            self._open(rule, span, live, now, events)
+            self._trigger(live, rule, span, now, events)
 
-    def _open(
-        self, rule: Rule, trigger: Span, live: _LiveTrace, now: datetime, events: list[RunEvent]
+    def _outcome(
+        self, live: LiveTrace, expect: Expect, span: Span, now: datetime, events: list[RunEvent]
     ) -> None:
+        self._held += live.keep(expect, span)
+        waiting = live.waiting.get(expect)
+        if waiting:
+            for run in list(waiting.values()):
+                self._offer(run, expect, span, now, events)
+        values = None
+        if self._correlation is not None and expect.rule.correlated:
+            values = correlation_key(span, expect.rule.rule.correlate)
+            for run in self._correlation.add_outcome(expect, span, values, now):
+                self._offer(run, expect, span, now, events)
+        if self._late:
+            events.extend(self._late.match(expect, span, values, now))
+
+    def _forbidden(
+        self, live: LiveTrace, forbid: Forbid, span: Span, now: datetime, events: list[RunEvent]
+    ) -> None:
+        self._held += live.keep(forbid, span)
+        for run in list(live.runs.values()):
+            if run.rule is forbid.rule and run.forbidden is None:
+                run.forbidden = span
+                self._settle(run, None, now, events)
+
+    def _link(self, trace_id: str, targets: list[str], now: datetime,
+              events: list[RunEvent]) -> None:
+        assert self._correlation is not None
+        for target in targets:
+            for run, candidates in self._correlation.add_link(trace_id, target, now):
+                for expect, span in candidates:
+                    self._offer(run, expect, span, now, events)
+
+    # -- runs ------------------------------------------------------------------------------
+
+    def _trigger(
+        self, live: LiveTrace, rule: CompiledRule, trigger: Span, now: datetime,
+        events: list[RunEvent],
+    ) -> None:
+        self._schedules.saw(rule.rule, trigger)
         run_id = run_id_for(rule.name, trigger.trace_id, trigger.span_id)
         if run_id in live.runs or run_id in self._closed:
             return
         deadline = None
-        if rule.within is not None:
+        if rule.rule.within is not None:
             # From the trigger's start (a root span is exported only when it ends, possibly long
             # after it started), but a client clock ahead of ours must not extend the wait.
-            started = min(datetime.fromtimestamp(trigger.start_ns / 1e9, now.tzinfo), now)
-            deadline = started + rule.within
+            deadline = min(from_ns(trigger.start_ns), now) + rule.rule.within
             self._schedule(live, deadline)
-        run = _OpenRun(run_id, rule, trigger, now, deadline, list(rule.expect))
+        values = correlation_key(trigger, rule.rule.correlate) if rule.correlated else None
+        run = OpenRun(run_id, rule, trigger, now, deadline, group_values(rule.rule, trigger),
+                      values, [{} for _ in rule.expects])
         live.runs[run_id] = run
-        opened = RunOpened(run_id, rule.name, trigger.trace_id, trigger.span_id, now, deadline)
-        events.append(opened)
-        for candidate in live.candidates:
-            self._satisfy(run, candidate, live, now, events)
-            if run_id not in live.runs:
-                break
+        live.held += 1
+        self._held += 1
+        self._open += 1
+        events.append(RunOpened(run_id, rule.name, trigger.trace_id, trigger.span_id, now,
+                                deadline))
+        for expect in rule.expects:
+            kept = live.kept.get(expect)
+            if kept is not None:
+                for span in list(kept.spans.values()):
+                    run.offer(expect, span)
+        for forbid in rule.forbids:
+            kept = live.kept.get(forbid)
+            if kept is not None and kept.spans and run.forbidden is None:
+                run.forbidden = next(iter(kept.spans.values()))
+        if self._correlation is not None and rule.correlated:
+            for expect, span in self._correlation.register(run):
+                run.offer(expect, span)
+        for expect in rule.expects:
+            if expect.cap and run.wants(expect):
+                live.waiting.setdefault(expect, {})[run_id] = run
+        self._settle(run, None, now, events)
 
-    def _satisfy(
-        self, run: _OpenRun, span: Span, live: _LiveTrace, now: datetime, events: list[RunEvent]
+    def _offer(
+        self, run: OpenRun, expect: Expect, span: Span, now: datetime, events: list[RunEvent]
     ) -> None:
-        run.unmet = [s for s in run.unmet if not s.matches(span)]
-        if not run.unmet:
-            del live.runs[run.run_id]
-            self._remember_closed(run.run_id)
-            events.append(RunPassed(run.run_id, run.rule.name, live.trace_id, run.opened_at, now))
+        live = self._live.get(run.trace_id)
+        if live is None or run.run_id not in live.runs or not run.offer(expect, span):
+            return  # closed meanwhile
+        if not run.wants(expect):
+            _unwait(live, expect, run.run_id)
+        self._settle(run, None, now, events)
+
+    def _settle(
+        self, run: OpenRun, wait_over: FailureReason | None, now: datetime,
+        events: list[RunEvent],
+    ) -> None:
+        verdict = run.settle(wait_over)
+        if verdict is not None:
+            self._close(run, verdict, now, events)
+
+    def _close(self, run: OpenRun, verdict: Verdict, now: datetime,
+               events: list[RunEvent]) -> None:
+        live = self._live[run.trace_id]
+        del live.runs[run.run_id]
+        live.held -= 1
+        self._held -= 1
+        self._open -= 1
+        for expect in run.rule.expects:
+            _unwait(live, expect, run.run_id)
+        if self._correlation is not None and run.rule.correlated:
+            self._correlation.unregister(run)
+        self._remember_closed(run.run_id)
+        rule = run.rule.name
+        if not isinstance(verdict, FailureReason):
+            events.append(RunPassed(run.run_id, rule, run.trace_id, run.opened_at, now,
+                                    group=run.group))
+            return
+        offending: tuple[Span, ...] = ()
+        if verdict is FailureReason.FORBIDDEN and run.forbidden is not None:
+            offending = (run.forbidden,)
+        elif verdict is FailureReason.COUNT:
+            offending = run.surplus()
+        events.append(RunFailed(
+            run_id=run.run_id, rule=rule, trace_id=run.trace_id, trigger=run.trigger,
+            opened_at=run.opened_at, closed_at=now, reason=verdict, missing=run.missing(),
+            first_received_ns=live.first_received_ns, offending=offending, group=run.group,
+        ))
+        self._late.remember(run, now)
 
     def _remember_closed(self, run_id: str) -> None:
         self._closed[run_id] = None
         if len(self._closed) > _CLOSED_MEMORY:
             self._closed.popitem(last=False)
 
-    def _schedule(self, live: _LiveTrace, due: datetime) -> None:
+    # -- time and budget -------------------------------------------------------------------
+
+    def _schedule(self, live: LiveTrace, due: datetime) -> None:
         self._sequence += 1
         heapq.heappush(self._due, (due, self._sequence, live.trace_id))
 
-    def tick(self) -> list[RunFailed]:
-        """Fail the runs whose trace went idle or whose deadline passed; forget quiet traces."""
+    def _expire(self, now: datetime) -> None:
+        if self._correlation is not None:
+            self._correlation.expire(now)
+        self._late.expire(now)
+
+    def tick(self) -> list[RunEvent]:
+        """End the waits that are over (deadline, idle trace), forget quiet traces, judge
+        schedule slots whose grace has passed. Returns the verdicts (failures, and passes of
+        runs that waited for an upper count bound), then missed slots."""
         now = self._clock()
-        failed: list[RunFailed] = []
+        events: list[RunEvent] = []
+        self._expire(now)
         while self._due and self._due[0][0] <= now:
             _, _, trace_id = heapq.heappop(self._due)
             live = self._live.get(trace_id)
@@ -209,30 +395,37 @@ class Engine:
                 else:
                     expired, reason = idle_due <= now, FailureReason.TRACE_IDLE
                 if expired:
-                    del live.runs[run.run_id]
-                    self._remember_closed(run.run_id)
-                    failed.append(self._failure(run, live, now, reason))
+                    self._settle(run, reason, now, events)
             pending = [r.deadline_at for r in live.runs.values() if r.deadline_at is not None]
             if idle_due > now:
                 pending.append(idle_due)
             if pending:
                 self._schedule(live, min(pending))
             elif not live.runs:
-                del self._live[trace_id]
-        return failed
+                self._drop(trace_id)
+        events.extend(self._schedules.due(now))
+        return events
 
-    @staticmethod
-    def _failure(
-        run: _OpenRun, live: _LiveTrace, now: datetime, reason: FailureReason
-    ) -> RunFailed:
-        return RunFailed(
-            run_id=run.run_id,
-            rule=run.rule.name,
-            trace_id=live.trace_id,
-            trigger=run.trigger,
-            opened_at=run.opened_at,
-            closed_at=now,
-            reason=reason,
-            missing=tuple(s.span for s in run.unmet),
-            first_received_ns=live.first_received_ns,
-        )
+    def _drop(self, trace_id: str) -> None:
+        live = self._live.pop(trace_id)
+        self._held -= live.held
+
+    def _enforce_budget(self, now: datetime, events: list[RunEvent]) -> None:
+        max_traces, max_spans = self._max_traces, self._max_spans
+        while self._live and (
+            (max_traces is not None and len(self._live) > max_traces)
+            or (max_spans is not None and self._held > max_spans)
+        ):
+            trace_id = next(iter(self._live))
+            for run in list(self._live[trace_id].runs.values()):
+                self._close(run, FailureReason.EVICTED, now, events)
+            self._drop(trace_id)
+            self.evicted_traces += 1
+
+
+def _unwait(live: LiveTrace, expect: Expect, run_id: str) -> None:
+    waiting = live.waiting.get(expect)
+    if waiting is not None:
+        waiting.pop(run_id, None)
+        if not waiting:
+            del live.waiting[expect]

@@ -72,33 +72,59 @@ def evidence_values(rule: Rule, trigger: Span, spans: Sequence[Span]) -> dict[st
 
 def failure_detail(rule: Rule, failure: RunFailed, spans: Sequence[Span]) -> dict[str, Any]:
     """JSON-ready detail of one failed run (the ``detail`` column of incident_failures)."""
+    trigger = failure.trigger
+    if trigger is None:  # a scheduled run that never started: there is no trace to show
+        return {"error_spans": [], "green_signals": [], "evidence": {}, "resource": {},
+                "trigger": {}, "scheduled_at": failure.opened_at.isoformat(),
+                "duration_ms": None, "span_count": 0, "offending": []}
     errors = [s for s in spans if s.status is SpanStatus.ERROR or any(
         e.name == "exception" for e in s.events)]
     green = [s for s in spans if _is_green(s)]
     resource: dict[str, AttributeValue] = {}
-    for span in [failure.trigger, *spans]:
+    for span in [trigger, *spans]:
         for key, value in span.resource.items():
             resource.setdefault(key, value)
-    end = max((s.end_ns for s in spans), default=failure.trigger.end_ns)
+    end = max((s.end_ns for s in spans), default=trigger.end_ns)
     return {
         "error_spans": [
             {**_span_summary(s), "exceptions": _exceptions(s)} for s in errors[:_MAX_ERROR_SPANS]
         ],
         "green_signals": [_span_summary(s) for s in green[:_MAX_GREEN_SIGNALS]],
-        "evidence": evidence_values(rule, failure.trigger, spans),
+        "offending": [
+            {**_span_summary(s), "trace_id": s.trace_id, "attributes": dict(s.attributes),
+             "exceptions": _exceptions(s)}
+            for s in failure.offending
+        ],
+        "evidence": evidence_values(rule, trigger, spans),
         "resource": resource,
         "trigger": {
-            **_span_summary(failure.trigger),
-            "trace_id": failure.trigger.trace_id,
-            "attributes": dict(failure.trigger.attributes),
+            **_span_summary(trigger),
+            "trace_id": trigger.trace_id,
+            "attributes": dict(trigger.attributes),
         },
-        "duration_ms": max(end - failure.trigger.start_ns, 0) / 1e6,
+        "duration_ms": max(end - trigger.start_ns, 0) / 1e6,
         "span_count": len(spans),
     }
 
 
+_WHY = {
+    "trace_idle": "did not happen before the trace went idle",
+    "deadline": "did not happen within {within}",
+    "forbidden": "was not reached: a forbidden step ({offending}) happened",
+    "count": "happened more often than allowed ({offending})",
+    "max_duration": "took longer than {max_duration}",
+    "missed": "never started: no {trigger} within the grace period of its schedule",
+    "evicted": "could not be confirmed: the trace was evicted from live state",
+}
+
+
 def failure_summary(rule: Rule, failure: RunFailed) -> str:
     """One line for lists and notifications."""
-    missing = ", ".join(failure.missing) or "nothing"
-    why = "its deadline passed" if failure.reason == "deadline" else "the trace went idle"
-    return f"{rule.name}: {missing} did not happen before {why}"
+    missing = ", ".join(failure.missing) or "the outcome"
+    why = _WHY.get(failure.reason.value, failure.reason.value).format(
+        within=rule.within, max_duration=rule.max_duration, trigger=rule.trigger.span,
+        offending=", ".join(s.name for s in failure.offending) or "?",
+    )
+    if failure.reason.value in ("missed", "max_duration", "forbidden", "count"):
+        return f"{rule.name}: the run {why}"
+    return f"{rule.name}: {missing} {why}"

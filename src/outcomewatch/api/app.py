@@ -1,21 +1,30 @@
 """The FastAPI application factory. Nothing is created at import time: the caller owns the
-Reader (and its duckdb connection) and passes it in."""
+Reader (and its duckdb connection), the incident actions and the metrics, and passes them in."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from fastapi import FastAPI, Request, status
+from fastapi import Depends, FastAPI, Request, status
 from fastapi.responses import JSONResponse
 
 from outcomewatch import __version__
+from outcomewatch.api.auth import AUTH_RESPONSES, Tokens, require_read, require_write
+from outcomewatch.api.deps import IncidentActions
+from outcomewatch.api.routes import actions as actions_routes
 from outcomewatch.api.routes import health, v1
+from outcomewatch.api.routes import metrics as metrics_routes
 from outcomewatch.errors import StoreError
 from outcomewatch.store.queries import InvalidCursor, Reader
 
 DESCRIPTION = """\
-Read-only view of outcomewatch: the runs of outcome rules over traces, the incidents opened
-when runs fail, and the stored spans of any trace.
+outcomewatch's API: the runs of outcome rules over traces, the incidents opened when runs
+fail (acknowledge, resolve and reopen them), the notifications sent about them, and the stored
+spans of any trace.
+
+Authentication, when configured, is `Authorization: Bearer <token>`: the api token for writes
+(POST), the read token or the api token for reads under /api/v1 and /metrics. Missing token:
+401; wrong token: 403. /healthz, /readyz and the docs are always open.
 
 Listings are newest first and paginated by keyset: pass a page's `next_cursor` back as
 `cursor` to get the next page (`next_cursor` is null on the last page). Timestamps are
@@ -25,8 +34,10 @@ ISO 8601 UTC; span times are also given in unix nanoseconds.
 TAGS = [
     {"name": "health", "description": "Probes for orchestrators."},
     {"name": "runs", "description": "One run per rule trigger: open, passed or failed."},
-    {"name": "incidents", "description": "Failed runs grouped per rule."},
+    {"name": "incidents", "description": "Failed runs grouped per rule (and group_by values)."},
+    {"name": "notifications", "description": "The outbox: one row per transition and target."},
     {"name": "traces", "description": "Stored spans, decoded."},
+    {"name": "metrics", "description": "Prometheus metrics."},
 ]
 
 
@@ -52,13 +63,31 @@ def create_app(
     *,
     ready: Callable[[], bool] = _always_ready,
     title: str = "outcomewatch",
+    actions: IncidentActions | None = None,
+    api_token: str | None = None,
+    read_token: str | None = None,
+    metrics: Callable[[], bytes] | None = None,
 ) -> FastAPI:
-    """An app serving ``reader``; ``ready`` is polled by GET /healthz on every request."""
+    """An app serving ``reader``; ``ready`` is polled by /healthz and /readyz on every request.
+
+    Without ``actions`` the incident actions answer 503 (a read-only deployment); without
+    ``metrics`` GET /metrics answers 404. ``api_token`` guards writes, ``read_token`` reads
+    (see api/auth.py). An empty token is refused (ValueError): it would match no request.
+    """
+    if api_token == "" or read_token == "":
+        raise ValueError("api_token and read_token must be None or non-empty")
     app = FastAPI(title=title, version=__version__, description=DESCRIPTION, openapi_tags=TAGS)
     app.state.reader = reader
     app.state.ready = ready
+    app.state.actions = actions
+    app.state.metrics = metrics
+    app.state.tokens = Tokens(api=api_token, read=read_token)
     app.add_exception_handler(InvalidCursor, _invalid_cursor)
     app.add_exception_handler(StoreError, _store_failed)
     app.include_router(health.router)
-    app.include_router(v1.router, prefix="/api/v1")
+    reads = [Depends(require_read)]
+    app.include_router(v1.router, prefix="/api/v1", dependencies=reads, responses=AUTH_RESPONSES)
+    app.include_router(actions_routes.router, prefix="/api/v1",
+                       dependencies=[Depends(require_write)], responses=AUTH_RESPONSES)
+    app.include_router(metrics_routes.router, dependencies=reads, responses=AUTH_RESPONSES)
     return app

@@ -1,5 +1,7 @@
 """Response bodies of the HTTP API. Field names are a pinned public contract: rename nothing.
 
+Spans are in schemas_trace.py; notifications, probes and action bodies in schemas_ops.py.
+
 Each model has a ``from_*`` constructor from the store's row types, so routes stay one-liners
 and the store never imports the API. Datetimes are aware UTC and serialise as ISO 8601 ``Z``.
 """
@@ -7,28 +9,22 @@ and the store never imports the API. Datetimes are aware UTC and serialise as IS
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Any
 
 from pydantic import BaseModel, Field, JsonValue
 
-from outcomewatch.model import (
-    AttributeValue,
-    IncidentStatus,
-    RunStatus,
-    Severity,
-    Span,
-    SpanStatus,
-    span_kind_name,
+from outcomewatch.model import IncidentStatus, RunStatus, Severity
+from outcomewatch.store.queries import (
+    FailureRow,
+    IncidentDetail,
+    IncidentRow,
+    Page,
+    RunRow,
+    TimelineEvent,
 )
-from outcomewatch.store.queries import FailureRow, IncidentDetail, IncidentRow, Page, RunRow
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NEXT_CURSOR_HELP = "Pass as `cursor` to get the next page; null on the last page."
-
-
-class HealthOut(BaseModel):
-    status: Literal["ok", "starting"]
 
 
 class ErrorOut(BaseModel):
@@ -44,13 +40,18 @@ class RunOut(BaseModel):
     closed_at: datetime | None
     reason: str | None
     missing: list[str]
+    late_outcomes: list[str] = Field(
+        description="Expected outcomes that arrived after the run had failed; it stays failed.")
+    late_at: datetime | None = Field(description="When the latest late outcome arrived.")
+    incident_id: int | None = Field(description="The incident a failed run is counted in.")
 
     @classmethod
     def from_row(cls, row: RunRow) -> RunOut:
         return cls(
             id=row.id, rule=row.rule, trace_id=row.trace_id, status=row.status,
             opened_at=row.opened_at, closed_at=row.closed_at, reason=row.reason,
-            missing=list(row.missing),
+            missing=list(row.missing), late_outcomes=list(row.late_outcomes),
+            late_at=row.late_at, incident_id=row.incident_id,
         )
 
 
@@ -74,6 +75,10 @@ class IncidentOut(BaseModel):
     last_failure_at: datetime
     failure_count: int
     summary: str
+    group: dict[str, JsonValue] = Field(
+        description="The rule's group_by values of this incident; {} for an ungrouped rule.")
+    acknowledged_at: datetime | None
+    resolved_at: datetime | None
 
     @staticmethod
     def fields_of(row: IncidentRow) -> dict[str, Any]:
@@ -81,7 +86,8 @@ class IncidentOut(BaseModel):
             "id": row.id, "rule": row.rule, "status": row.status, "severity": row.severity,
             "owner": row.owner, "route": row.route, "opened_at": row.opened_at,
             "last_failure_at": row.last_failure_at, "failure_count": row.failure_count,
-            "summary": row.summary,
+            "summary": row.summary, "group": dict(row.group),
+            "acknowledged_at": row.acknowledged_at, "resolved_at": row.resolved_at,
         }
 
     @classmethod
@@ -157,20 +163,46 @@ class SpanSummaryOut(BaseModel):
         return cls(**cls.fields_of(obj))
 
 
+def _exceptions(obj: Mapping[str, Any]) -> list[ExceptionOut]:
+    return [
+        ExceptionOut(
+            type=_str(e, "type"), message=_str(e, "message"), stacktrace=_str(e, "stacktrace")
+        )
+        for e in _dicts(obj, "exceptions")
+    ]
+
+
+def _datetime(obj: Mapping[str, Any], key: str) -> datetime | None:
+    """An ISO 8601 string with a zone, as UTC; anything else reads as None."""
+    value = obj.get(key)
+    try:
+        moment = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+    if moment is None or moment.tzinfo is None:
+        return None
+    return moment.astimezone(UTC)
+
+
 class ErrorSpanOut(SpanSummaryOut):
     exceptions: list[ExceptionOut]
 
     @classmethod
     def from_detail(cls, obj: Mapping[str, Any]) -> ErrorSpanOut:
+        return cls(**SpanSummaryOut.fields_of(obj), exceptions=_exceptions(obj))
+
+
+class OffendingSpanOut(ErrorSpanOut):
+    """A span that failed the run by happening: a forbidden step, or one too many."""
+
+    trace_id: str
+    attributes: dict[str, JsonValue]
+
+    @classmethod
+    def from_detail(cls, obj: Mapping[str, Any]) -> OffendingSpanOut:
         return cls(
-            **SpanSummaryOut.fields_of(obj),
-            exceptions=[
-                ExceptionOut(
-                    type=_str(e, "type"), message=_str(e, "message"),
-                    stacktrace=_str(e, "stacktrace"),
-                )
-                for e in _dicts(obj, "exceptions")
-            ],
+            **SpanSummaryOut.fields_of(obj), exceptions=_exceptions(obj),
+            trace_id=_str(obj, "trace_id"), attributes=_dict(obj, "attributes"),
         )
 
 
@@ -191,6 +223,13 @@ class FailureOut(BaseModel):
         description="The trigger span and its attributes: the retry context.")
     duration_ms: float | None = Field(description="From the trigger's start to the last span.")
     span_count: int | None = Field(description="Spans stored for the trace when it failed.")
+    offending: list[OffendingSpanOut] = Field(
+        description="The forbidden or surplus spans that failed the run (forbid and count rules).")
+    scheduled_at: datetime | None = Field(
+        description="For a scheduled run that never started: when it was due.")
+    late_outcomes: list[str] = Field(
+        description="Expected outcomes that arrived after the verdict; the failure stands.")
+    late_at: datetime | None = Field(description="When the latest late outcome arrived.")
 
     @classmethod
     def from_row(cls, row: FailureRow) -> FailureOut:
@@ -206,82 +245,35 @@ class FailureOut(BaseModel):
             trigger=_dict(row.detail, "trigger"),
             duration_ms=_number(row.detail, "duration_ms"),
             span_count=None if span_count is None else int(span_count),
+            offending=[OffendingSpanOut.from_detail(s) for s in _dicts(row.detail, "offending")],
+            scheduled_at=_datetime(row.detail, "scheduled_at"),
+            late_outcomes=list(row.late_outcomes), late_at=row.late_at,
         )
 
 
+class TimelineEventOut(BaseModel):
+    at: datetime
+    kind: str = Field(
+        description="opened, acknowledged, resolved, reopened, late_outcome, or a later kind.")
+    actor: str = Field(description="Who made the change: a person's name, or `outcomewatch`.")
+    comment: str | None
+
+    @classmethod
+    def from_event(cls, event: TimelineEvent) -> TimelineEventOut:
+        return cls(at=event.at, kind=event.kind, actor=event.actor, comment=event.comment)
+
+
 class IncidentDetailOut(IncidentOut):
+    description: str = Field(description="The rule's description: what failing means.")
+    timeline: list[TimelineEventOut] = Field(
+        description="Every transition and late outcome, oldest first (at most the latest 1000).")
     failures: list[FailureOut] = Field(description="The most recent failures, newest first.")
 
     @classmethod
     def from_detail(cls, detail: IncidentDetail) -> IncidentDetailOut:
         return cls(
             **IncidentOut.fields_of(detail.incident),
+            description=detail.incident.description,
+            timeline=[TimelineEventOut.from_event(e) for e in detail.timeline],
             failures=[FailureOut.from_row(f) for f in detail.failures],
         )
-
-
-def _json_attributes(attributes: Mapping[str, AttributeValue]) -> dict[str, JsonValue]:
-    return dict(attributes)
-
-
-def _utc_from_ns(ns: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=ns // 1000)
-
-
-class SpanEventOut(BaseModel):
-    name: str
-    time_ns: int
-    attributes: dict[str, JsonValue]
-
-
-class SpanLinkOut(BaseModel):
-    trace_id: str
-    span_id: str
-    attributes: dict[str, JsonValue]
-
-
-class SpanOut(BaseModel):
-    trace_id: str
-    span_id: str
-    parent_span_id: str = Field(description="Empty for a root span.")
-    name: str
-    service: str
-    kind: str = Field(description="unspecified, internal, server, client, producer or consumer.")
-    start_ns: int
-    end_ns: int
-    start: datetime
-    end: datetime
-    duration_ms: float
-    status: SpanStatus
-    status_message: str
-    attributes: dict[str, JsonValue]
-    resource: dict[str, JsonValue]
-    events: list[SpanEventOut]
-    links: list[SpanLinkOut]
-
-    @classmethod
-    def from_span(cls, span: Span) -> SpanOut:
-        return cls(
-            trace_id=span.trace_id, span_id=span.span_id, parent_span_id=span.parent_span_id,
-            name=span.name, service=span.service, kind=span_kind_name(span.kind),
-            start_ns=span.start_ns, end_ns=span.end_ns, start=_utc_from_ns(span.start_ns),
-            end=_utc_from_ns(span.end_ns), duration_ms=(span.end_ns - span.start_ns) / 1e6,
-            status=span.status, status_message=span.status_message,
-            attributes=_json_attributes(span.attributes),
-            resource=_json_attributes(span.resource),
-            events=[
-                SpanEventOut(name=e.name, time_ns=e.time_ns,
-                             attributes=_json_attributes(e.attributes))
-                for e in span.events
-            ],
-            links=[
-                SpanLinkOut(trace_id=link.trace_id, span_id=link.span_id,
-                            attributes=_json_attributes(link.attributes))
-                for link in span.links
-            ],
-        )
-
-
-class TraceOut(BaseModel):
-    trace_id: str
-    spans: list[SpanOut] = Field(description="Each span once, ordered by start time.")

@@ -8,6 +8,9 @@ Sizes: ``grpc.max_receive_message_length`` is checked by grpc-core on the messag
 and again after its own gzip/deflate decompression, which it performs with a bounded output
 (grpc 1.85, measured: a 380 KiB message inflating to 400 MB is refused with RESOURCE_EXHAUSTED
 "Decompressed message larger than max" while the server's peak memory grows by ~2 MB).
+
+With a token, an export must carry the metadata ``authorization: Bearer <token>``, else it is
+refused with UNAUTHENTICATED before its message is decoded.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 
 from outcomewatch import otlp
 from outcomewatch.errors import InvalidPayload, Overloaded, StoreError
+from outcomewatch.receiver.auth import authorized, check_token
 from outcomewatch.receiver.limits import (
     Limits,
     Sink,
@@ -66,13 +70,22 @@ def _retry_trailers(message: str, delay_s: int) -> tuple[tuple[str, bytes], ...]
 
 
 class _TraceService:
-    def __init__(self, sink: Sink, clock_ns: Callable[[], int]) -> None:
+    def __init__(
+        self, sink: Sink, clock_ns: Callable[[], int], limits: Limits, token: str | None
+    ) -> None:
         self._sink = sink
         self._clock_ns = clock_ns
+        self._limits = limits
+        self._token = token
 
     async def export(
         self, request: bytes, context: grpc.aio.ServicerContext
     ) -> ExportTraceServiceResponse:
+        if self._token is not None and not _authorized(context, self._token):
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or wrong bearer token: send the metadata 'authorization: Bearer <token>'",
+            )
         # The refusal is decided inside _accept's try block but answered out here, so that the
         # exception context.abort() raises is never swallowed by the catch-all there.
         result = await self._accept(request)
@@ -85,7 +98,7 @@ class _TraceService:
         """Decode, hand to the sink, and build the response, or say why the export is refused."""
         try:
             batch = otlp.batch_from_request(
-                otlp.parse_protobuf(request), received_ns=self._clock_ns()
+                otlp.parse_protobuf(request), received_ns=self._clock_ns(), limits=self._limits
             )
             if len(batch):
                 await self._sink(batch)
@@ -112,6 +125,13 @@ class _TraceService:
         return response
 
 
+def _authorized(context: grpc.aio.ServicerContext, token: str) -> bool:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":  # grpc lowercases metadata keys
+            return isinstance(value, str) and authorized(value, token)
+    return False
+
+
 def _address(host: str, port: int) -> str:
     if ":" in host and not host.startswith("["):
         return f"[{host}]:{port}"  # an IPv6 literal
@@ -125,12 +145,16 @@ async def start_grpc_receiver(
     port: int,
     limits: Limits,
     clock_ns: Callable[[], int] = time.time_ns,
+    token: str | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Start an OTLP/gRPC trace receiver on the running asyncio loop.
 
     Returns the started server (stop it with ``await server.stop(grace)``) and the port bound,
-    which is a free one when ``port`` is 0. Raises OSError when the address cannot be bound.
+    which is a free one when ``port`` is 0. Raises OSError when the address cannot be bound,
+    ValueError for a ``token`` no client could send. With a ``token``, exports without the
+    metadata ``authorization: Bearer <token>`` are refused with UNAUTHENTICATED.
     """
+    check_token(token)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", limits.max_request_bytes),
@@ -139,7 +163,7 @@ async def start_grpc_receiver(
             ("grpc.so_reuseport", 0),
         ]
     )
-    service = _TraceService(sink, clock_ns)
+    service = _TraceService(sink, clock_ns, limits, token)
     handler = grpc.method_handlers_generic_handler(
         SERVICE,
         {

@@ -9,6 +9,9 @@ The body is read as a stream and decoded as it arrives, so an oversized body or 
 refused after at most ``max_request_bytes`` read and ``max_decompressed_bytes`` inflated. The
 rest of a refused body is drained by the server (uvicorn), which keeps the connection usable
 and lets the client read the answer.
+
+With a token, a request must carry the header ``Authorization: Bearer <token>``, else it is
+answered 401 with ``WWW-Authenticate: Bearer`` before its body is read.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from starlette.routing import Route
 
 from outcomewatch import otlp
 from outcomewatch.errors import InvalidPayload, Overloaded, PayloadTooLarge, StoreError
+from outcomewatch.receiver.auth import authorized, check_token
 from outcomewatch.receiver.limits import (
     WBITS,
     BoundedInflater,
@@ -41,6 +45,7 @@ from outcomewatch.receiver.limits import (
     retryable_message,
     short_message,
 )
+from outcomewatch.receiver.otlp_json import parse_json
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +53,7 @@ TRACES_PATH = "/v1/traces"
 
 # google.rpc.Code values, for the Status body of each error answer.
 _INVALID_ARGUMENT, _RESOURCE_EXHAUSTED, _INTERNAL, _UNAVAILABLE = 3, 8, 13, 14
+_UNAUTHENTICATED = 16
 
 
 def _encode_json(message: Message) -> bytes:
@@ -84,7 +90,7 @@ _FORMATS = {
     "application/x-protobuf": _Format(
         "application/x-protobuf", otlp.parse_protobuf, _encode_protobuf
     ),
-    "application/json": _Format("application/json", otlp.parse_json, _encode_json),
+    "application/json": _Format("application/json", parse_json, _encode_json),
 }
 _IDENTITY = ("", "identity")
 
@@ -115,19 +121,38 @@ async def _read_body(request: Request, encoding: str, limits: Limits) -> bytes:
     return b"".join(chunks) if inflater is None else inflater.finish()
 
 
+def _unauthenticated(request: Request, fmt: _Format | None) -> Response:
+    """401, in the request's format if it has one; says why in WWW-Authenticate (RFC 6750)."""
+    given = request.headers.get("authorization") is not None
+    headers = {"WWW-Authenticate": 'Bearer error="invalid_token"' if given else "Bearer"}
+    message = "missing or wrong bearer token: send the header 'Authorization: Bearer <token>'"
+    if fmt is None:
+        return PlainTextResponse(message, 401, headers)
+    return fmt.error(401, _UNAUTHENTICATED, message, headers)
+
+
 def create_http_receiver(
-    sink: Sink, *, limits: Limits, clock_ns: Callable[[], int] = time.time_ns
+    sink: Sink,
+    *,
+    limits: Limits,
+    clock_ns: Callable[[], int] = time.time_ns,
+    token: str | None = None,
 ) -> Starlette:
     """An ASGI app serving OTLP/HTTP ``POST /v1/traces``; every other path is a 404.
 
     200 once ``sink`` has returned (with partial_success when some spans were rejected); 400
-    for a malformed request, 413 over a size limit, 415 for an unsupported Content-Type or
-    Content-Encoding, 503 with Retry-After when the sink raises Overloaded or StoreError.
+    for a malformed request, 401 without the bearer ``token`` (when one is set), 413 over a
+    size limit, 415 for an unsupported Content-Type or Content-Encoding, 503 with Retry-After
+    when the sink raises Overloaded or StoreError. Raises ValueError for a ``token`` no client
+    could send.
     """
+    check_token(token)
 
     async def export_traces(request: Request) -> Response:
         content_type = request.headers.get("content-type", "")
         fmt = _FORMATS.get(content_type.partition(";")[0].strip().lower())
+        if token is not None and not authorized(request.headers.get("authorization"), token):
+            return _unauthenticated(request, fmt)
         if fmt is None:
             # No Status body: there is no encoding this client is known to read.
             return PlainTextResponse(
@@ -143,7 +168,9 @@ def create_http_receiver(
             )
         try:
             body = await _read_body(request, encoding, limits)
-            batch = otlp.batch_from_request(fmt.parse(body), received_ns=clock_ns())
+            batch = otlp.batch_from_request(
+                fmt.parse(body), received_ns=clock_ns(), limits=limits
+            )
             if len(batch):
                 await sink(batch)
         except PayloadTooLarge as exc:

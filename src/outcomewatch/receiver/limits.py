@@ -1,6 +1,5 @@
-"""What the gRPC and HTTP receivers share: size limits, the sink contract, the retry hint given
-to a client that is refused under back-pressure, and a gzip/deflate decoder that cannot be
-bombed.
+"""What the gRPC and HTTP receivers share: limits, the sink contract, the retry hint given to a
+client that is refused under back-pressure, and a gzip/deflate decoder that cannot be bombed.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from outcomewatch.errors import InvalidPayload, Overloaded, PayloadTooLarge, StoreError
-from outcomewatch.otlp import SpanBatch
+from outcomewatch.otlp import SpanBatch, SpanLimits
 
 logger = logging.getLogger("outcomewatch.receiver")
 
@@ -28,24 +27,21 @@ which the receivers answer as retryable (gRPC UNAVAILABLE, HTTP 503 + Retry-Afte
 STORE_ERROR_RETRY_AFTER_S = 5.0
 
 
-@dataclass(frozen=True)
-class Limits:
-    """Per-request size limits.
+@dataclass(frozen=True, kw_only=True)
+class Limits(SpanLimits):
+    """Per-request size limits, and (from SpanLimits) what one span may hold.
 
     ``max_request_bytes`` bounds the body as sent (compressed, if it is) on HTTP, and the gRPC
     message, which grpc-core applies both before and after its own decompression.
-    ``max_decompressed_bytes`` bounds an HTTP body after gzip decoding.
+    ``max_decompressed_bytes`` bounds an HTTP body after gzip decoding. A request over a size
+    limit is refused whole; a span over a SpanLimits limit is rejected alone (partial success).
     """
 
     max_request_bytes: int = 16 * MiB
     max_decompressed_bytes: int = 64 * MiB
 
     def __post_init__(self) -> None:
-        # Fail fast: a zero or negative limit would refuse every request, silently.
-        for name in ("max_request_bytes", "max_decompressed_bytes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"Limits.{name} must be a positive int, got {value!r}")
+        super().__post_init__()  # every field a positive int
         # grpc-core takes the limit as a C int.
         if self.max_request_bytes > 2**31 - 1:
             raise ValueError("Limits.max_request_bytes must be below 2 GiB")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from outcomewatch.model import AttributeValue, Severity, Span, SpanStatus
+from outcomewatch.rules.schedule import Schedule
 
 Scalar = str | bool | int | float
 Number = int | float
@@ -129,17 +130,62 @@ class Condition:
 
 
 @dataclass(frozen=True)
+class Bounds:
+    """How many matching spans an expectation needs: ``gte <= n <= lte``; None is unbounded."""
+
+    gte: int | None = None
+    lte: int | None = None
+
+    def admits(self, n: int) -> bool:
+        return (self.gte is None or n >= self.gte) and (self.lte is None or n <= self.lte)
+
+
+@dataclass(frozen=True)
+class DurationBounds:
+    """Bounds on a span's duration; every bound given must hold (None: not given)."""
+
+    lt: timedelta | None = None
+    lte: timedelta | None = None
+    gt: timedelta | None = None
+    gte: timedelta | None = None
+
+    def admits(self, d: timedelta) -> bool:
+        return self.admits_ns(_ns(d))
+
+    def admits_ns(self, ns: int) -> bool:
+        """``admits`` for a duration in nanoseconds (exact: a timedelta stops at microseconds)."""
+        return (
+            (self.lt is None or ns < _ns(self.lt))
+            and (self.lte is None or ns <= _ns(self.lte))
+            and (self.gt is None or ns > _ns(self.gt))
+            and (self.gte is None or ns >= _ns(self.gte))
+        )
+
+
+def _ns(d: timedelta) -> int:
+    return (d // timedelta(microseconds=1)) * 1000
+
+
+@dataclass(frozen=True)
 class Selector:
-    """Which spans a trigger or an expectation matches.
+    """Which spans a trigger, an expectation or a forbidden outcome matches.
 
     ``span`` is the pattern as written; the analyzer uses it as the name of a missing
     expectation. Globs are compiled once, at construction.
+
+    ``count`` and ``after_trigger`` (expectations only) need the run's context, so ``matches``
+    ignores them: ``count`` is how many distinct matching spans the expectation needs (None:
+    at least one) and ``after_trigger`` says a span only counts if it started after the trigger
+    started (``span.start_ns > trigger.start_ns``).
     """
 
     span: str
     service: str | None = None
     status: SpanStatus | None = None
     where: tuple[Condition, ...] = ()
+    count: Bounds | None = None
+    after_trigger: bool = False
+    duration: DurationBounds | None = None
     _span_glob: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
     _service_glob: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
 
@@ -158,11 +204,13 @@ class Selector:
         return self.service is None or _glob_matches(self.service, self._service_glob, service)
 
     def matches(self, span: Span) -> bool:
-        """Whether ``span`` matches every part: name, service, status and each ``where``."""
+        """Whether ``span`` matches every part: name, service, status, each ``where`` and its
+        duration (``end_ns - start_ns``)."""
         return (
             self.matches_name(span.name)
             and self.matches_service(span.service)
             and (self.status is None or span.status is self.status)
+            and (self.duration is None or self.duration.admits_ns(span.end_ns - span.start_ns))
             and all(condition.holds(span) for condition in self.where)
         )
 
@@ -172,6 +220,18 @@ class Rule:
     """A loaded rule. ``within`` is the deadline counted from the trigger span's start.
 
     ``source`` is the file the rule came from and ``line`` the (1-based) line of its list item.
+
+    - ``forbid``: a span in the trace matching one of these fails the run at once.
+    - ``correlate``: attribute keys; outcomes may also come from other traces whose spans carry
+      the trigger's values of all these keys (and from spans linked to the trigger). A rule
+      with ``correlate`` always has ``within``.
+    - ``max_duration``: the longest time from the trigger's start to the end of the last
+      expected outcome.
+    - ``schedule``: when the trigger is due (see ``Schedule``); the trigger proves the start.
+    - ``group_by``: attribute keys of the trigger; one open incident per distinct value set.
+    - ``open_after`` / ``resolve_after``: flap control, in consecutive failed / passed runs.
+    - ``reopen_within``: a failure this soon after a resolve re-opens that incident (None: the
+      server's default).
     """
 
     name: str
@@ -185,6 +245,14 @@ class Rule:
     evidence: tuple[str, ...]
     source: str
     line: int
+    forbid: tuple[Selector, ...] = ()
+    correlate: tuple[str, ...] = ()
+    max_duration: timedelta | None = None
+    schedule: Schedule | None = None
+    group_by: tuple[str, ...] = ()
+    open_after: int = 1
+    resolve_after: int | None = None
+    reopen_within: timedelta | None = None
 
 
 @dataclass(frozen=True)

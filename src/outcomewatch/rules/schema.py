@@ -5,18 +5,15 @@ silently turning ``1`` into ``"1"`` would change what an equality condition mean
 regexes stay strings here (so ``RuleFileModel.model_json_schema()`` describes the file as written);
 they are checked here and compiled by :mod:`outcomewatch.rules.load`.
 
-Unions are discriminated by Python type with tags that start with ``~``. Pydantic puts a tag into
-an error's ``loc``; ``TAGS`` lets the loader drop them so a location reads like the YAML path.
+The value types (durations, regexes, cron expressions, ...) and their validators live in
+:mod:`outcomewatch.rules.values`.
 """
 
 from __future__ import annotations
 
-import re
-import types
-from typing import Annotated, Any, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -29,87 +26,36 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import PydanticCustomError
+from pydantic_core.core_schema import TaggedUnionSchema
 
 from outcomewatch.durations import parse_duration
-from outcomewatch.errors import DurationError
 from outcomewatch.model import Severity, SpanStatus
+from outcomewatch.rules.values import (
+    BOOL,
+    FLOAT,
+    INT,
+    OPERATORS_TAG,
+    STR,
+    AttributeKeys,
+    Cron,
+    Duration,
+    Name,
+    Number,
+    Regex,
+    Scalar,
+    TimeZone,
+    condition_tag,
+)
 
-NAME_PATTERN = re.compile(r"[a-z0-9._-]+")
+# An error raised by a model validator is located at the model; the key named in its context
+# under AT is where it belongs (the loader appends it to the error's loc).
+AT = "at"
 
-_BOOL, _INT, _FLOAT, _STR, _OPERATORS = "~bool", "~int", "~float", "~str", "~operators"
-TAGS = frozenset({_BOOL, _INT, _FLOAT, _STR, _OPERATORS})
-
-
-def _scalar_tag(value: Any) -> str | None:
-    # bool before int: in Python, True is an int, and here it must not be one.
-    if isinstance(value, bool):
-        return _BOOL
-    if isinstance(value, int):
-        return _INT
-    if isinstance(value, float):
-        return _FLOAT
-    if isinstance(value, str):
-        return _STR
-    return None
-
-
-def _number_tag(value: Any) -> str | None:
-    tag = _scalar_tag(value)
-    return tag if tag in (_INT, _FLOAT) else None
-
-
-def _condition_tag(value: Any) -> str | None:
-    return _OPERATORS if isinstance(value, dict) else _scalar_tag(value)
-
-
-Scalar = Annotated[
-    Annotated[StrictBool, Tag(_BOOL)]
-    | Annotated[StrictInt, Tag(_INT)]
-    | Annotated[StrictFloat, Tag(_FLOAT)]
-    | Annotated[StrictStr, Tag(_STR)],
-    Discriminator(
-        _scalar_tag,
-        custom_error_type="scalar_type",
-        custom_error_message="expected a string, number or bool",
-    ),
-]
-
-Number = Annotated[
-    Annotated[StrictInt, Tag(_INT)] | Annotated[StrictFloat, Tag(_FLOAT)],
-    Discriminator(
-        _number_tag,
-        custom_error_type="number_type",
-        custom_error_message="expected a number (int or float, not bool)",
-    ),
-]
-
-
-def _check_name(value: str) -> str:
-    if not NAME_PATTERN.fullmatch(value):
-        # Messages are formatted here, without a context: pydantic would otherwise expand any
-        # "{...}" inside the user's value as a template field.
-        raise PydanticCustomError(
-            "rule_name",
-            f"invalid rule name {value!r}: use only lowercase letters, digits, '.', '_' and '-'",
-        )
-    return value
-
-
-def _check_duration(value: str) -> str:
-    try:
-        parse_duration(value)
-    except DurationError as exc:
-        raise PydanticCustomError("duration", str(exc)) from exc
-    return value
-
-
-def _check_regex(value: str) -> str:
-    try:
-        re.compile(value)
-    except re.error as exc:
-        raise PydanticCustomError("regex", f"invalid regex {value!r}: {exc}") from exc
-    return value
+CORRELATE_NEEDS_WITHIN = (
+    "a rule with 'correlate' must give 'within' (how long to wait for outcomes from other traces)"
+)
 
 
 class _Strict(BaseModel):
@@ -124,7 +70,7 @@ class ConditionModel(_Strict):
 
     in_: list[Scalar] | None = Field(default=None, alias="in", min_length=1)
     not_in: list[Scalar] | None = Field(default=None, min_length=1)
-    regex: Annotated[StrictStr, AfterValidator(_check_regex)] | None = None
+    regex: Regex | None = None
     exists: StrictBool | None = None
     ne: Scalar | None = None
     gt: Number | None = None
@@ -159,13 +105,13 @@ OPERATORS = _keys_of(ConditionModel)
 
 # A scalar is an equality test; a mapping holds operators.
 WhereValue = Annotated[
-    Annotated[StrictBool, Tag(_BOOL)]
-    | Annotated[StrictInt, Tag(_INT)]
-    | Annotated[StrictFloat, Tag(_FLOAT)]
-    | Annotated[StrictStr, Tag(_STR)]
-    | Annotated[ConditionModel, Tag(_OPERATORS)],
+    Annotated[StrictBool, Tag(BOOL)]
+    | Annotated[StrictInt, Tag(INT)]
+    | Annotated[StrictFloat, Tag(FLOAT)]
+    | Annotated[StrictStr, Tag(STR)]
+    | Annotated[ConditionModel, Tag(OPERATORS_TAG)],
     Discriminator(
-        _condition_tag,
+        condition_tag,
         custom_error_type="condition_type",
         custom_error_message=(
             "expected a value to test for equality (string, number or bool) "
@@ -173,6 +119,85 @@ WhereValue = Annotated[
         ),
     ),
 ]
+
+
+class _Bounds(_Strict):
+    """A mapping of bounds: each given one needs a value, and at least one must be given."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_null(cls, value: Any) -> Any:
+        if value is None:
+            raise PydanticCustomError("null_bound", "a bound needs a value, not null")
+        return value
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> Self:
+        if not self.model_fields_set:
+            keys = ", ".join(_keys_of(type(self)))
+            raise PydanticCustomError(
+                "empty_bounds", f"needs at least one bound (expected one of: {keys})"
+            )
+        return self
+
+
+class CountModel(_Bounds):
+    """How many matching spans an expectation needs; both bounds inclusive."""
+
+    gte: Annotated[StrictInt, Field(ge=0)] | None = Field(default=None, description="at least")
+    lte: Annotated[StrictInt, Field(ge=0)] | None = Field(default=None, description="at most")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> CountModel:
+        if self.gte is not None and self.lte is not None and self.gte > self.lte:
+            raise PydanticCustomError(
+                "empty_count", f"gte ({self.gte}) is greater than lte ({self.lte}): no count fits"
+            )
+        return self
+
+
+class DurationBoundsModel(_Bounds):
+    """Bounds on a span's duration; every bound given must hold."""
+
+    lt: Duration | None = Field(default=None, description="shorter than")
+    lte: Duration | None = Field(default=None, description="at most")
+    gt: Duration | None = Field(default=None, description="longer than")
+    gte: Duration | None = Field(default=None, description="at least")
+
+    @model_validator(mode="after")
+    def _satisfiable(self) -> DurationBoundsModel:
+        # (limit, inclusive); the tightest lower and upper bound decide.
+        lower = [(parse_duration(v), k == "gte") for k, v in self._given(("gt", "gte"))]
+        upper = [(parse_duration(v), k == "lte") for k, v in self._given(("lt", "lte"))]
+        if lower and upper:
+            low, low_inclusive = max(lower, key=lambda b: (b[0], not b[1]))
+            high, high_inclusive = min(upper, key=lambda b: (b[0], b[1]))
+            if low > high or (low == high and not (low_inclusive and high_inclusive)):
+                raise PydanticCustomError("empty_duration", "no duration satisfies these bounds")
+        return self
+
+    def _given(self, keys: tuple[str, ...]) -> list[tuple[str, str]]:
+        return [(k, v) for k in keys if (v := getattr(self, k)) is not None]
+
+
+class ScheduleModel(_Strict):
+    """When the trigger is due: a 5-field cron expression, read in the time zone ``tz``."""
+
+    cron: Cron = Field(
+        description="minute hour day-of-month month day-of-week, like '0 3 * * *'"
+    )
+    tz: TimeZone = Field(
+        default="UTC", description="IANA time zone the cron expression is read in"
+    )
+    grace: Duration = Field(
+        default="5m", description="how late the trigger may start before the run fails"
+    )
+
+
+class CorrelateModel(_Strict):
+    """Outcomes may come from other traces whose spans carry the trigger's values of ``by``."""
+
+    by: AttributeKeys = Field(description="attribute key(s) shared by the trigger and outcomes")
 
 
 class SelectorModel(_Strict):
@@ -206,11 +231,16 @@ class ExpectModel(SelectorModel):
     )
 
 
-EXPECT_ONLY = tuple(k for k in _keys_of(ExpectModel) if k not in _keys_of(SelectorModel))
+SELECTOR_KEYS = _keys_of(SelectorModel)
+EXPECT_ONLY = tuple(k for k in _keys_of(ExpectModel) if k not in SELECTOR_KEYS)
 
 
 class RuleModel(_Strict):
-    name: Annotated[StrictStr, AfterValidator(_check_name)] = Field(
+    """One rule: a trigger opens a run, which passes when every expectation is met."""
+
+    model_config = ConfigDict(json_schema_extra={"dependentRequired": {"correlate": ["within"]}})
+
+    name: Name = Field(
         description="unique rule name: lowercase letters, digits, '.', '_' and '-'"
     )
     description: StrictStr = ""
@@ -244,15 +274,23 @@ class RuleModel(_Strict):
     evidence: list[StrictStr] = Field(
         default_factory=list, description="attributes copied into an incident as evidence"
     )
+    open_after: StrictInt = Field(
+        default=1, ge=1, description="consecutive failed runs before an incident opens"
+    )
+    resolve_after: StrictInt | None = Field(
+        default=None, ge=1,
+        description="consecutive passed runs that resolve the open incident (default: by hand)",
+    )
+    reopen_within: Duration | None = Field(
+        default=None,
+        description="a failure this soon after a resolve re-opens that incident (default 24h)",
+    )
 
     @model_validator(mode="after")
     def _correlate_needs_within(self) -> RuleModel:
         if self.correlate is not None and self.within is None:
             raise PydanticCustomError(
-                "correlate_without_within",
-                "a rule with 'correlate' must give 'within' "
-                "(how long to wait for outcomes from other traces)",
-                {AT: "correlate"},
+                "correlate_without_within", CORRELATE_NEEDS_WITHIN, {AT: "correlate"}
             )
         return self
 
@@ -279,44 +317,3 @@ def json_schema() -> dict[str, Any]:
     """The JSON Schema of a rule file, for editors (YAML language servers) and CI validators."""
     generated = RuleFileModel.model_json_schema(schema_generator=_FileSchema)
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **generated}
-
-
-def keys_at(loc: tuple[str | int, ...]) -> tuple[str, ...]:
-    """The keys allowed in the mapping at ``loc`` (a pydantic loc without tags) of a rule file.
-
-    Found by walking the models' annotations, so it follows the schema; () if ``loc`` does not
-    lead to a model.
-    """
-    annotation: Any = RuleFileModel
-    for element in loc:
-        annotation = _annotation_child(annotation, element)
-        if annotation is None:
-            return ()
-    for candidate in _members(annotation):
-        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-            return _keys_of(candidate)
-    return ()
-
-
-def _members(annotation: Any) -> list[Any]:
-    """``annotation`` with Annotated and unions unwrapped into their member types."""
-    origin = get_origin(annotation)
-    if origin is Annotated:
-        return _members(get_args(annotation)[0])
-    if origin is Union or origin is types.UnionType:
-        return [m for arg in get_args(annotation) for m in _members(arg)]
-    return [annotation]
-
-
-def _annotation_child(annotation: Any, element: str | int) -> Any:
-    for candidate in _members(annotation):
-        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-            for name, field in candidate.model_fields.items():
-                if element in (name, field.alias):
-                    return field.annotation
-        origin = get_origin(candidate)
-        if origin is list and isinstance(element, int):
-            return get_args(candidate)[0]
-        if origin is dict:
-            return get_args(candidate)[1]
-    return None

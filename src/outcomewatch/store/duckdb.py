@@ -21,14 +21,17 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import duckdb
 import pyarrow as pa
 
 from outcomewatch.errors import Overloaded, StoreError
-from outcomewatch.model import RunFailed, RunOpened, RunPassed
+from outcomewatch.model import LateOutcome, OutboxRow, RunFailed, RunOpened, RunPassed
 from outcomewatch.otlp import SpanBatch
+from outcomewatch.store import incidents
+from outcomewatch.store.incidents import IncidentFacts
 from outcomewatch.store.schema import DDL, SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
@@ -54,33 +57,41 @@ _CHECKPOINT_EVERY_S = 30.0
 _MAX_KNOWN_RESOURCES = 10_000
 
 
-@dataclass(frozen=True, slots=True)
-class IncidentFacts:
-    """What the incident row needs from the rule, without the store importing rules."""
-
-    severity: str
-    owner: str
-    route: str
-    summary: str
+Work = Callable[[duckdb.DuckDBPyConnection], object]
 
 
 @dataclass
 class _Job:
+    """Spans to append, or a piece of work run on the writer's cursor inside the group's
+    transaction; ``done`` receives the work's result or the exception that failed it."""
+
     spans: SpanBatch | None = None
-    opened: Sequence[RunOpened] = ()
-    passed: Sequence[RunPassed] = ()
-    failed: tuple[RunFailed, IncidentFacts, dict[str, Any]] | None = None
-    done: Callable[[BaseException | int | None], None] | None = None
+    work: Work | None = None
+    done: Callable[[object], None] | None = None
 
 
-def _no_op(_: BaseException | int | None) -> None:
+def _no_op(_: object) -> None:
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class PassStreak:
+    """Passed runs of one rule and group in one go, for flap control (``resolve_after``)."""
+
+    rule: str
+    group_key: str
+    passes: int
+    resolve_after: int | None
+    targets: tuple[str, ...]
 
 
 class Store:
     """Owns the database file: schema, the writer thread, and the connection readers cursor from."""
 
-    def __init__(self, path: str, *, max_queue: int = 1024) -> None:
+    def __init__(
+        self, path: str, *, max_queue: int = 1024,
+        on_commit: Callable[[float], None] | None = None,
+    ) -> None:
         try:
             self.conn = duckdb.connect(path)
             # Checkpoint on our own schedule: the automatic one every 16 MB of WAL stalls inserts.
@@ -92,6 +103,7 @@ class Store:
         except duckdb.Error as exc:
             raise StoreError(f"cannot open database {path}: {exc}") from exc
         self._max_queue = max_queue
+        self._on_commit = on_commit or (lambda seconds: None)
         self._known_resources: set[int] = set()
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._writer = self.conn.cursor()
@@ -108,11 +120,11 @@ class Store:
             raise Overloaded("storage queue is full", retry_after_s=1.0)
         self._queue.put_nowait(job)
 
-    async def _submit_and_wait(self, job: _Job) -> BaseException | int | None:
+    async def _submit_and_wait(self, job: _Job) -> object:
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[BaseException | int | None] = loop.create_future()
+        future: asyncio.Future[object] = loop.create_future()
 
-        def done(result: BaseException | int | None) -> None:
+        def done(result: object) -> None:
             loop.call_soon_threadsafe(_settle, future, result)
 
         job.done = done
@@ -122,22 +134,53 @@ class Store:
             raise result
         return result
 
+    def submit(self, work: Work) -> None:
+        """Queue ``work`` for the writer without waiting; a failure is logged."""
+        self._submit(_Job(work=work, done=_log_failure))
+
+    async def run(self, work: Work) -> object:
+        """Run ``work`` in the writer's next transaction and return its result once committed."""
+        return await self._submit_and_wait(_Job(work=work))
+
     async def append_spans(self, batch: SpanBatch) -> None:
         """Commit ``batch``; return only once it is durable."""
         await self._submit_and_wait(_Job(spans=batch))
 
-    def record_runs(self, opened: Sequence[RunOpened], passed: Sequence[RunPassed]) -> None:
+    def record_runs(
+        self, opened: Sequence[RunOpened], passed: Sequence[RunPassed],
+        streaks: Sequence[PassStreak] = (),
+    ) -> None:
         """Queue opened and passed runs; FIFO order keeps an open before its verdict."""
         if opened or passed:
-            self._submit(_Job(opened=opened, passed=passed, done=_log_failure))
+            self.submit(lambda db: self._record_runs(db, opened, passed, streaks))
+
+    def record_late_outcomes(self, late: Sequence[LateOutcome]) -> None:
+        def record(db: duckdb.DuckDBPyConnection) -> None:
+            for outcome in late:
+                incidents.record_late_outcome(db, outcome.run_id, outcome.outcome, at=outcome.at)
+
+        if late:
+            self.submit(record)
 
     async def record_failure(
         self, failure: RunFailed, facts: IncidentFacts, detail: dict[str, Any]
     ) -> int | None:
-        """Store a failed verdict and count it in the rule's open incident (opening one if there
-        is none). Returns the incident id, or None if the run already had a verdict."""
-        result = await self._submit_and_wait(_Job(failed=(failure, facts, detail)))
-        assert not isinstance(result, BaseException)
+        """Store a failed verdict and count it in its incident (see store/incidents.py).
+        Returns the incident id, or None if the run already had a verdict or flap control
+        holds the incident back."""
+        result = await self.run(lambda db: incidents.record_failure(db, failure, facts, detail))
+        assert result is None or isinstance(result, int)
+        return result
+
+    async def act(
+        self, incident_id: int, action: incidents.Action, *, actor: str, comment: str | None,
+        at: datetime, targets_for_route: dict[str, tuple[str, ...]],
+    ) -> incidents.ActionResult:
+        """A person's acknowledge / resolve / reopen, stored with its timeline and outbox rows."""
+        result = await self.run(lambda db: incidents.act(
+            db, incident_id, action, at=at, actor=actor, comment=comment,
+            targets_for_route=targets_for_route))
+        assert isinstance(result, incidents.ActionResult)
         return result
 
     def close(self) -> None:
@@ -202,29 +245,40 @@ class Store:
         for job, result in zip(jobs, results, strict=True):
             (job.done or _no_op)(result)
 
-    def _apply(self, jobs: list[_Job]) -> list[int | None]:
+    def _apply(self, jobs: list[_Job]) -> list[object]:
         db = self._writer
+        started = time.perf_counter()
         db.begin()
         try:
             batches = [j.spans for j in jobs if j.spans is not None and len(j.spans)]
             if batches:
                 self._insert_spans(batches)
-            opened = [r for j in jobs for r in j.opened]
-            if opened:
-                self._insert_opened(opened)
-            for job in jobs:
-                for run in job.passed:
-                    db.execute(
-                        "UPDATE runs SET status = 'passed', closed_at = ?, missing = [] "
-                        "WHERE id = ? AND status = 'open'",
-                        [run.closed_at, run.run_id],
-                    )
-            results = [self._insert_failure(*j.failed) if j.failed else None for j in jobs]
+            results = [j.work(db) if j.work is not None else None for j in jobs]
             db.commit()
         except BaseException:
             db.rollback()
             raise
+        self._on_commit(time.perf_counter() - started)
         return results
+
+    def _record_runs(
+        self, db: duckdb.DuckDBPyConnection, opened: Sequence[RunOpened],
+        passed: Sequence[RunPassed], streaks: Sequence[PassStreak],
+    ) -> None:
+        if opened:
+            self._insert_opened(opened)
+        for run in passed:
+            db.execute(
+                "UPDATE runs SET status = 'passed', closed_at = ?, missing = [] "
+                "WHERE id = ? AND status = 'open'",
+                [run.closed_at, run.run_id],
+            )
+        at = max((r.closed_at for r in passed), default=None)
+        for streak in streaks:
+            if at is not None:
+                incidents.record_passes(
+                    db, streak.rule, streak.group_key, streak.passes, at=at,
+                    resolve_after=streak.resolve_after, targets=streak.targets)
 
     def _insert_spans(self, batches: list[SpanBatch]) -> None:
         def column(name: str) -> list[Any]:
@@ -267,7 +321,7 @@ class Store:
             self._known_resources.clear()
         self._known_resources.update(i for i, _ in new)
 
-    def _insert_opened(self, opened: list[RunOpened]) -> None:
+    def _insert_opened(self, opened: Sequence[RunOpened]) -> None:
         incoming = pa.Table.from_pylist(
             [
                 {"id": r.run_id, "rule": r.rule, "trace_id": r.trace_id,
@@ -285,47 +339,6 @@ class Store:
             )
         finally:
             self._writer.unregister("incoming_runs")
-
-    def _insert_failure(
-        self, failure: RunFailed, facts: IncidentFacts, detail: dict[str, Any]
-    ) -> int | None:
-        db = self._writer
-        # The run may never have been stored as open (crash between); make sure it exists.
-        db.execute(
-            "INSERT INTO runs (id, rule, trace_id, trigger_span_id, status, opened_at) "
-            "VALUES (?, ?, ?, ?, 'open', ?) ON CONFLICT DO NOTHING",
-            [failure.run_id, failure.rule, failure.trace_id, failure.trigger.span_id,
-             failure.opened_at],
-        )
-        claimed = db.execute(
-            "UPDATE runs SET status = 'failed', closed_at = ?, reason = ?, missing = ? "
-            "WHERE id = ? AND status = 'open' RETURNING id",
-            [failure.closed_at, failure.reason.value, list(failure.missing), failure.run_id],
-        ).fetchone()
-        if claimed is None:
-            return None
-        row = db.execute(
-            "UPDATE incidents SET failure_count = failure_count + 1, last_failure_at = ?, "
-            "summary = ? WHERE rule = ? AND status IN ('open', 'acknowledged') RETURNING id",
-            [failure.closed_at, facts.summary, failure.rule],
-        ).fetchone()
-        if row is None:
-            row = db.execute(
-                "INSERT INTO incidents (rule, status, severity, owner, route, opened_at, "
-                "last_failure_at, failure_count, summary) VALUES (?, 'open', ?, ?, ?, ?, ?, 1, ?) "
-                "RETURNING id",
-                [failure.rule, facts.severity, facts.owner, facts.route, failure.closed_at,
-                 failure.closed_at, facts.summary],
-            ).fetchone()
-        assert row is not None
-        incident_id = int(row[0])
-        db.execute("UPDATE runs SET incident_id = ? WHERE id = ?", [incident_id, failure.run_id])
-        db.execute(
-            "INSERT INTO incident_failures VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [incident_id, failure.run_id, failure.rule, failure.trace_id, failure.closed_at,
-             failure.reason.value, list(failure.missing), json.dumps(detail, default=str)],
-        )
-        return incident_id
 
     # -- reads the analyzer needs ---------------------------------------------------------
 
@@ -345,6 +358,72 @@ class Store:
         finally:
             cursor.close()
         return [(bytes(r[0]), bytes(r[1]), str(r[2]), int(r[3])) for r in rows]
+
+    # -- the notification outbox (see incidents/notify.py) --------------------------------
+
+    def due_notifications(self, now: datetime, limit: int) -> list[OutboxRow]:
+        """Rows pending or failed whose next attempt is due, oldest first; a row behind an
+        unsent earlier row of its incident and target is left out (it would only wait)."""
+        cursor = self.conn.cursor()
+        try:
+            rows = cursor.execute(
+                "SELECT id, incident_id, transition, target, route, payload, attempts, "
+                "epoch_us(created_at) FROM outbox o WHERE status IN ('pending', 'failed') "
+                "AND next_attempt_at <= ? AND NOT EXISTS (SELECT 1 FROM outbox e "
+                "WHERE e.incident_id = o.incident_id AND e.target = o.target AND e.id < o.id "
+                "AND e.status <> 'sent') ORDER BY id LIMIT ?",
+                [now, limit],
+            ).fetchall()
+        finally:
+            cursor.close()
+        return [
+            OutboxRow(int(r[0]), int(r[1]), str(r[2]), str(r[3]), str(r[4]), json.loads(r[5]),
+                      int(r[6]), datetime.fromtimestamp(r[7] / 1e6, UTC))
+            for r in rows
+        ]
+
+    def pending_before(self, incident_id: int, row_id: int) -> bool:
+        """Whether an earlier notification of the same incident and target is still unsent:
+        then this one waits, so a 'resolved' never overtakes its 'opened'."""
+        cursor = self.conn.cursor()
+        try:
+            row = cursor.execute(
+                "SELECT count(*) FROM outbox o JOIN outbox this ON this.id = ? "
+                "WHERE o.incident_id = ? AND o.target = this.target AND o.id < ? "
+                "AND o.status <> 'sent'",
+                [row_id, incident_id, row_id],
+            ).fetchone()
+        finally:
+            cursor.close()
+        return row is not None and int(row[0]) > 0
+
+    async def mark_notification(
+        self, row_id: int, *, sent: bool, at: datetime, error: str | None,
+        next_attempt_at: datetime | None,
+    ) -> None:
+        """Record a delivery attempt. Conditional on the row not being sent already, so a
+        second worker (or a retry after a restart) never counts a delivery twice."""
+        if sent:
+            await self.run(lambda db: db.execute(
+                "UPDATE outbox SET status = 'sent', sent_at = ?, attempts = attempts + 1, "
+                "last_error = NULL WHERE id = ? AND status <> 'sent'", [at, row_id]))
+        else:
+            await self.run(lambda db: db.execute(
+                "UPDATE outbox SET status = 'failed', attempts = attempts + 1, last_error = ?, "
+                "next_attempt_at = ? WHERE id = ? AND status <> 'sent'",
+                [error, next_attempt_at or at, row_id]))
+
+    def open_incident_counts(self) -> list[tuple[str, str, int]]:
+        """(rule, severity, count) of incidents open or acknowledged."""
+        cursor = self.conn.cursor()
+        try:
+            rows = cursor.execute(
+                "SELECT rule, severity, count(*) FROM incidents "
+                "WHERE status IN ('open', 'acknowledged') GROUP BY ALL ORDER BY ALL"
+            ).fetchall()
+        finally:
+            cursor.close()
+        return [(str(r[0]), str(r[1]), int(r[2])) for r in rows]
 
     def decided_run_ids(self, trace_ids: Sequence[str]) -> list[str]:
         """Ids of the runs of these traces that already have a verdict."""
@@ -384,15 +463,14 @@ def resource_id(raw_resource: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(raw_resource, digest_size=8).digest(), "big") >> 1
 
 
-def _settle(future: asyncio.Future[BaseException | int | None],
-            result: BaseException | int | None) -> None:
+def _settle(future: asyncio.Future[object], result: object) -> None:
     if not future.done():
         future.set_result(result)
 
 
-def _log_failure(result: BaseException | int | None) -> None:
+def _log_failure(result: object) -> None:
     if isinstance(result, BaseException):
         log.error("storing run verdicts failed: %s", result)
 
 
-__all__ = ["IncidentFacts", "Store"]
+__all__ = ["IncidentFacts", "PassStreak", "Store"]

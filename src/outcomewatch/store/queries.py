@@ -6,6 +6,8 @@ dependency), and it renders in the connection's TimeZone setting rather than UTC
 
 Pagination is keyset, newest first. A cursor is the urlsafe-base64 JSON of the last row's sort
 key ``[epoch_us, id]``; clients must treat it as opaque.
+
+The writer (store/incidents.py) owns these tables; nothing here writes.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
@@ -28,6 +30,8 @@ T = TypeVar("T")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Well inside both BIGINT and duckdb's timestamp range (about +-146,000 years in microseconds).
 _CURSOR_INT_BOUND = 2**62
+# The timeline of one incident is returned whole up to this many events (the latest ones).
+TIMELINE_LIMIT = 1000
 
 
 class InvalidCursor(ValueError):
@@ -52,6 +56,9 @@ class RunRow:
     closed_at: datetime | None
     reason: str | None
     missing: tuple[str, ...]
+    late_outcomes: tuple[str, ...] = ()  # outcomes that arrived after the run failed
+    late_at: datetime | None = None
+    incident_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +73,10 @@ class IncidentRow:
     last_failure_at: datetime
     failure_count: int
     summary: str
+    description: str = ""
+    group: Mapping[str, Any] = field(default_factory=dict)  # group_by values; {} if ungrouped
+    acknowledged_at: datetime | None = None
+    resolved_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,12 +90,40 @@ class FailureRow:
     reason: str
     missing: tuple[str, ...]
     detail: Mapping[str, Any]
+    late_outcomes: tuple[str, ...] = ()  # from the run: outcomes that arrived after the verdict
+    late_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineEvent:
+    at: datetime
+    kind: str  # opened, acknowledged, resolved, reopened, late_outcome, ...
+    actor: str
+    comment: str | None
 
 
 @dataclass(frozen=True, slots=True)
 class IncidentDetail:
     incident: IncidentRow
     failures: tuple[FailureRow, ...]
+    timeline: tuple[TimelineEvent, ...] = ()  # oldest first
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationRow:
+    """One outbox row: a transition to deliver to one target."""
+
+    id: int
+    incident_id: int
+    transition: str
+    target: str
+    route: str
+    status: str  # pending, sent or failed
+    attempts: int
+    created_at: datetime
+    next_attempt_at: datetime
+    sent_at: datetime | None
+    last_error: str | None
 
 
 def _utc(epoch_us: int) -> datetime:
@@ -125,24 +164,48 @@ def _bounded_int(value: object) -> bool:
 
 
 _RUN_COLUMNS = """id, rule, trace_id, status, epoch_us(opened_at), epoch_us(closed_at), reason,
-    missing"""
+    missing, late_outcomes, epoch_us(late_at), incident_id"""
 _INCIDENT_COLUMNS = """id, rule, status, severity, owner, route, epoch_us(opened_at),
-    epoch_us(last_failure_at), failure_count, summary"""
+    epoch_us(last_failure_at), failure_count, summary, description, group_key,
+    epoch_us(acknowledged_at), epoch_us(resolved_at)"""
+_NOTIFICATION_COLUMNS = """id, incident_id, transition, target, route, status, attempts,
+    epoch_us(created_at), epoch_us(next_attempt_at), epoch_us(sent_at), last_error"""
+_FAILURES_SQL = """SELECT f.run_id, f.trace_id, epoch_us(f.failed_at), f.reason, f.missing,
+    f.detail, r.late_outcomes, epoch_us(r.late_at)
+    FROM incident_failures f LEFT JOIN runs r ON r.id = f.run_id WHERE f.incident_id = ?
+    ORDER BY f.failed_at DESC, f.run_id DESC LIMIT ?"""
+# The latest TIMELINE_LIMIT events, returned oldest first; rowid breaks ties on time in
+# insertion order (one transaction writes "reopened" and "late_outcome" at the same instant).
+_TIMELINE_SQL = """SELECT epoch_us(occurred_at), kind, actor, comment FROM (
+    SELECT occurred_at, kind, actor, comment, rowid AS seq FROM incident_events
+    WHERE incident_id = ? ORDER BY occurred_at DESC, seq DESC LIMIT ?) ORDER BY occurred_at, seq"""
 
 
 def _run(row: Sequence[Any]) -> RunRow:
     return RunRow(
         id=row[0], rule=row[1], trace_id=row[2], status=RunStatus(row[3]),
         opened_at=_utc(row[4]), closed_at=_utc_or_none(row[5]), reason=row[6],
-        missing=tuple(row[7] or ()),
+        missing=tuple(row[7] or ()), late_outcomes=tuple(row[8] or ()),
+        late_at=_utc_or_none(row[9]), incident_id=row[10],
     )
+
+
+def _group(group_key: str | None) -> Mapping[str, Any]:
+    """The group_by values from ``incidents.group_key`` (canonical JSON, '' when ungrouped)."""
+    try:
+        group = json.loads(group_key) if group_key else {}
+    except ValueError:
+        return {}
+    return group if isinstance(group, dict) else {}
 
 
 def _incident(row: Sequence[Any]) -> IncidentRow:
     return IncidentRow(
         id=row[0], rule=row[1], status=IncidentStatus(row[2]), severity=Severity(row[3]),
         owner=row[4], route=row[5], opened_at=_utc(row[6]), last_failure_at=_utc(row[7]),
-        failure_count=row[8], summary=row[9],
+        failure_count=row[8], summary=row[9], description=row[10] or "",
+        group=_group(row[11]), acknowledged_at=_utc_or_none(row[12]),
+        resolved_at=_utc_or_none(row[13]),
     )
 
 
@@ -151,7 +214,33 @@ def _failure(row: Sequence[Any]) -> FailureRow:
     return FailureRow(
         run_id=row[0], trace_id=row[1], failed_at=_utc(row[2]), reason=row[3],
         missing=tuple(row[4] or ()), detail=detail if isinstance(detail, dict) else {},
+        late_outcomes=tuple(row[6] or ()), late_at=_utc_or_none(row[7]),
     )
+
+
+def _notification(row: Sequence[Any]) -> NotificationRow:
+    return NotificationRow(
+        id=row[0], incident_id=row[1], transition=row[2], target=row[3], route=row[4],
+        status=row[5], attempts=row[6], created_at=_utc(row[7]), next_attempt_at=_utc(row[8]),
+        sent_at=_utc_or_none(row[9]), last_error=row[10],
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Listing(Generic[T]):
+    """A paginated table: ``sort_index`` is the position of epoch_us(sort_column) in columns."""
+
+    table: str
+    columns: str
+    sort_column: str
+    sort_index: int
+    id_type: type[str] | type[int]
+    convert: Callable[[Sequence[Any]], T]
+
+
+_RUNS = _Listing("runs", _RUN_COLUMNS, "opened_at", 4, str, _run)
+_INCIDENTS = _Listing("incidents", _INCIDENT_COLUMNS, "last_failure_at", 7, int, _incident)
+_NOTIFICATIONS = _Listing("outbox", _NOTIFICATION_COLUMNS, "created_at", 7, int, _notification)
 
 
 class Reader:
@@ -165,46 +254,54 @@ class Reader:
     def __init__(self, conn: duckdb.DuckDBPyConnection) -> None:
         self._conn = conn
 
-    def _fetch(self, sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
+    def _fetch(self, *queries: tuple[str, Sequence[object]]) -> list[list[tuple[Any, ...]]]:
+        """The rows of each query, all read in one transaction (one consistent snapshot)."""
         try:
             with self._conn.cursor() as cur:
-                rows: list[tuple[Any, ...]] = cur.execute(sql, params).fetchall()
-                return rows
+                cur.begin()
+                try:
+                    return [cur.execute(sql, params).fetchall() for sql, params in queries]
+                finally:
+                    cur.rollback()
         except duckdb.Error as exc:
             raise StoreError(f"query failed: {exc}") from exc
 
     def _page(
         self,
-        table: str,
-        columns: str,
-        sort_column: str,
-        filters: list[tuple[str, object]],
+        listing: _Listing[T],
+        filters: Mapping[str, object],
         limit: int,
         cursor: str | None,
-        id_type: type[str] | type[int],
-    ) -> list[tuple[Any, ...]]:
-        """Up to ``limit + 1`` rows (the extra one only says another page exists).
+    ) -> Page[T]:
+        """One page of ``listing``: the filters whose value is not None must all match.
 
-        Identifiers (``table``, ``columns``, ``sort_column``, the filter columns) are constants
-        of this module, never input; every value from a caller goes through a ``?`` parameter.
+        Identifiers (the listing's table and columns, the filter keys) are constants of this
+        module, never input; every value from a caller goes through a ``?`` parameter.
         """
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
-        where = [f"{column} = ?" for column, _ in filters]
-        params: list[object] = [value for _, value in filters]
+        given = [(column, value) for column, value in filters.items() if value is not None]
+        where = [f"{column} = ?" for column, _ in given]
+        params: list[object] = [value for _, value in given]
+        sort = listing.sort_column
         if cursor is not None:
-            at_us, last_id = decode_cursor(cursor, id_type)
+            at_us, last_id = decode_cursor(cursor, listing.id_type)
             # The plain bound lets duckdb prune row groups by min/max; the row comparison is
             # the exact keyset condition (ties on time are broken by id).
-            where.append(f"{sort_column} <= make_timestamptz(?)")
-            where.append(f"({sort_column}, id) < (make_timestamptz(?), ?)")
+            where.append(f"{sort} <= make_timestamptz(?)")
+            where.append(f"({sort}, id) < (make_timestamptz(?), ?)")
             params += [at_us, at_us, last_id]
-        sql = f"SELECT {columns} FROM {table}"
+        sql = f"SELECT {listing.columns} FROM {listing.table}"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += f" ORDER BY {sort_column} DESC, id DESC LIMIT ?"
-        params.append(limit + 1)
-        return self._fetch(sql, params)
+        sql += f" ORDER BY {sort} DESC, id DESC LIMIT ?"
+        params.append(limit + 1)  # the extra row only says that another page exists
+        [rows] = self._fetch((sql, params))
+        last = rows[limit - 1] if len(rows) > limit else None
+        return Page(
+            tuple(listing.convert(row) for row in rows[:limit]),
+            encode_cursor(last[listing.sort_index], last[0]) if last else None,
+        )
 
     def list_runs(
         self,
@@ -216,17 +313,9 @@ class Reader:
         cursor: str | None,
     ) -> Page[RunRow]:
         """Runs matching every given filter, newest ``opened_at`` first (ties by id)."""
-        filters: list[tuple[str, object]] = []
-        if trace_id is not None:
-            filters.append(("trace_id", trace_id))
-        if rule is not None:
-            filters.append(("rule", rule))
-        if status is not None:
-            filters.append(("status", status.value))
-        rows = self._page("runs", _RUN_COLUMNS, "opened_at", filters, limit, cursor, str)
-        runs = tuple(_run(row) for row in rows[:limit])
-        last = rows[limit - 1] if len(rows) > limit else None
-        return Page(runs, encode_cursor(last[4], last[0]) if last else None)
+        filters = {"trace_id": trace_id, "rule": rule,
+                   "status": None if status is None else status.value}
+        return self._page(_RUNS, filters, limit, cursor)
 
     def list_incidents(
         self,
@@ -237,30 +326,32 @@ class Reader:
         cursor: str | None,
     ) -> Page[IncidentRow]:
         """Incidents matching every given filter, latest ``last_failure_at`` first (ties by id)."""
-        filters: list[tuple[str, object]] = []
-        if status is not None:
-            filters.append(("status", status.value))
-        if rule is not None:
-            filters.append(("rule", rule))
-        rows = self._page(
-            "incidents", _INCIDENT_COLUMNS, "last_failure_at", filters, limit, cursor, int
-        )
-        incidents = tuple(_incident(row) for row in rows[:limit])
-        last = rows[limit - 1] if len(rows) > limit else None
-        return Page(incidents, encode_cursor(last[7], last[0]) if last else None)
+        filters = {"status": None if status is None else status.value, "rule": rule}
+        return self._page(_INCIDENTS, filters, limit, cursor)
+
+    def list_notifications(
+        self, *, status: str | None, incident_id: int | None, limit: int, cursor: str | None
+    ) -> Page[NotificationRow]:
+        """Outbox rows matching every given filter, newest ``created_at`` first (ties by id)."""
+        filters = {"status": status, "incident_id": incident_id}
+        return self._page(_NOTIFICATIONS, filters, limit, cursor)
 
     def get_incident(self, incident_id: int, *, failures_limit: int = 20) -> IncidentDetail | None:
-        """The incident and its ``failures_limit`` newest failures (newest first), or None."""
-        rows = self._fetch(f"SELECT {_INCIDENT_COLUMNS} FROM incidents WHERE id = ?", [incident_id])
+        """The incident, its ``failures_limit`` newest failures (newest first) and its timeline
+        (oldest first, the latest TIMELINE_LIMIT events), or None."""
+        rows, failures, timeline = self._fetch(
+            (f"SELECT {_INCIDENTS.columns} FROM incidents WHERE id = ?", [incident_id]),
+            (_FAILURES_SQL, [incident_id, max(failures_limit, 0)]),
+            (_TIMELINE_SQL, [incident_id, TIMELINE_LIMIT]),
+        )
         if not rows:
             return None
-        failures = self._fetch(
-            "SELECT run_id, trace_id, epoch_us(failed_at), reason, missing, detail"
-            " FROM incident_failures WHERE incident_id = ?"
-            " ORDER BY failed_at DESC, run_id DESC LIMIT ?",
-            [incident_id, max(failures_limit, 0)],
+        return IncidentDetail(
+            _incident(rows[0]),
+            tuple(_failure(row) for row in failures),
+            tuple(TimelineEvent(_utc(at), kind, actor, comment)
+                  for at, kind, actor, comment in timeline),
         )
-        return IncidentDetail(_incident(rows[0]), tuple(_failure(row) for row in failures))
 
     def get_trace(self, trace_id: str) -> list[Span] | None:
         """Every span of the trace once, ordered by start time (ties by span_id), or None when
@@ -268,13 +359,13 @@ class Reader:
 
         A retried export stores a span twice; the first received copy wins.
         """
-        rows = self._fetch(
+        [rows] = self._fetch((
             "SELECT s.span, r.resource, s.scope FROM spans s"
             " JOIN resources r ON r.id = s.resource_id WHERE s.trace_id = ?"
             " QUALIFY row_number() OVER (PARTITION BY s.span_id ORDER BY s.received_ns) = 1"
             " ORDER BY s.start_ns, s.span_id",
             [trace_id],
-        )
+        ))
         if not rows:
             return None
         return [decode_stored_span(span, resource, scope=scope) for span, resource, scope in rows]

@@ -49,7 +49,11 @@ CREATE TABLE IF NOT EXISTS runs (
     closed_at TIMESTAMPTZ,
     reason VARCHAR,
     missing VARCHAR[] NOT NULL DEFAULT [],
-    incident_id BIGINT
+    incident_id BIGINT,
+    group_key VARCHAR NOT NULL DEFAULT '',
+    -- Outcomes that arrived after the verdict: recorded, never erasing the failure.
+    late_outcomes VARCHAR[] NOT NULL DEFAULT [],
+    late_at TIMESTAMPTZ
 );
 
 CREATE SEQUENCE IF NOT EXISTS incident_ids START 1;
@@ -65,22 +69,64 @@ CREATE TABLE IF NOT EXISTS incidents (
     last_failure_at TIMESTAMPTZ NOT NULL,
     failure_count INTEGER NOT NULL,
     summary VARCHAR NOT NULL,
-    resolved_at TIMESTAMPTZ
+    resolved_at TIMESTAMPTZ,
+    description VARCHAR NOT NULL DEFAULT '',
+    -- One open incident per rule and group: group_key is the JSON of the group_by values.
+    group_key VARCHAR NOT NULL DEFAULT '',
+    acknowledged_at TIMESTAMPTZ
 );
 
--- One row per failed run of an incident. ``detail`` is JSON:
+-- The incident's timeline: every transition, who made it, when and why.
+CREATE TABLE IF NOT EXISTS incident_events (
+    incident_id BIGINT NOT NULL,
+    occurred_at TIMESTAMPTZ NOT NULL,
+    kind VARCHAR NOT NULL,
+    actor VARCHAR NOT NULL,
+    comment VARCHAR
+);
+
+-- Flap control: consecutive verdicts per rule and group.
+CREATE TABLE IF NOT EXISTS rule_state (
+    rule VARCHAR NOT NULL,
+    group_key VARCHAR NOT NULL,
+    consecutive_failures INTEGER NOT NULL,
+    consecutive_passes INTEGER NOT NULL,
+    PRIMARY KEY (rule, group_key)
+);
+
+-- Transactional outbox: one row per transition and notification target, written in the same
+-- transaction as the transition; the notifier claims and sends them.
+CREATE SEQUENCE IF NOT EXISTS outbox_ids START 1;
+CREATE TABLE IF NOT EXISTS outbox (
+    id BIGINT PRIMARY KEY DEFAULT nextval('outbox_ids'),
+    incident_id BIGINT NOT NULL,
+    transition VARCHAR NOT NULL,
+    target VARCHAR NOT NULL,
+    route VARCHAR NOT NULL,
+    payload JSON NOT NULL,
+    status VARCHAR NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at TIMESTAMPTZ NOT NULL,
+    next_attempt_at TIMESTAMPTZ NOT NULL,
+    sent_at TIMESTAMPTZ,
+    last_error VARCHAR
+);
+
+-- One row per failed run. incident_id is NULL while flap control (open_after) holds the
+-- incident back; the failures are attached when it opens. ``detail`` is JSON:
 -- {"error_spans": [{"name", "service", "span_id", "status_message",
 --                   "exceptions": [{"type", "message", "stacktrace"}]}],
 --  "evidence": {key: value}, "resource": {key: value}, "trigger": {span fields + attributes},
 --  "duration_ms": float}
 CREATE TABLE IF NOT EXISTS incident_failures (
-    incident_id BIGINT NOT NULL,
+    incident_id BIGINT,
     run_id VARCHAR NOT NULL,
     rule VARCHAR NOT NULL,
     trace_id VARCHAR NOT NULL,
     failed_at TIMESTAMPTZ NOT NULL,
     reason VARCHAR NOT NULL,
     missing VARCHAR[] NOT NULL,
-    detail JSON NOT NULL
+    detail JSON NOT NULL,
+    group_key VARCHAR NOT NULL DEFAULT ''
 );
 """

@@ -1,1 +1,2 @@
-"""The API's routers: ``health`` (unversioned, for probes) and ``v1`` (mounted at /api/v1)."""
+"""The API's routers: ``health`` (unversioned probes), ``metrics``, and ``v1`` (reads) and
+``actions`` (writes), both mounted at /api/v1."""

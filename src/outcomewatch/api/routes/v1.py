@@ -1,4 +1,5 @@
-"""/api/v1: read-only views of runs, incidents and traces.
+"""/api/v1 reads: runs, incidents, traces and the notification outbox. The incident actions
+(POST) are in routes/actions.py.
 
 Endpoints are sync ``def``: FastAPI runs them in its threadpool, and the Reader gives each call
 its own duckdb cursor. A bad ``cursor`` is answered 400 by the InvalidCursor handler in app.py.
@@ -11,14 +12,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Path, Query, status
 
 from outcomewatch.api.deps import ReaderDep
-from outcomewatch.api.schemas import (
-    ErrorOut,
-    IncidentDetailOut,
-    IncidentsPage,
-    RunsPage,
-    SpanOut,
-    TraceOut,
-)
+from outcomewatch.api.schemas import ErrorOut, IncidentDetailOut, IncidentsPage, RunsPage
+from outcomewatch.api.schemas_ops import NotificationsPage, NotificationStatus
+from outcomewatch.api.schemas_trace import SpanOut, TraceOut
 from outcomewatch.model import IncidentStatus, RunStatus
 
 router = APIRouter()
@@ -27,6 +23,7 @@ TRACE_ID_PATTERN = "^[0-9a-f]{32}$"
 _TRACE_ID_HELP = "32 lowercase hex characters."
 _BIGINT_MAX = 2**63 - 1  # incidents.id is BIGINT; a larger id cannot exist and must not reach SQL
 
+IncidentId = Annotated[int, Path(ge=1, le=_BIGINT_MAX)]
 Limit = Annotated[int, Query(ge=1, le=1000, description="Page size.")]
 Cursor = Annotated[
     str | None,
@@ -88,10 +85,13 @@ def list_incidents(
     responses={404: {"model": ErrorOut, "description": "No such incident."}},
 )
 def get_incident(
-    reader: ReaderDep, incident_id: Annotated[int, Path(ge=1, le=_BIGINT_MAX)]
+    reader: ReaderDep,
+    incident_id: IncidentId,
+    failures: Annotated[int, Query(ge=1, le=200, description="How many failures.")] = 20,
 ) -> IncidentDetailOut:
-    """The incident and its 20 most recent failures, newest first."""
-    detail = reader.get_incident(incident_id)
+    """The incident, its timeline (oldest first) and its ``failures`` most recent failures
+    (newest first)."""
+    detail = reader.get_incident(incident_id, failures_limit=failures)
     if detail is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"incident {incident_id} not found")
     return IncidentDetailOut.from_detail(detail)
@@ -113,3 +113,26 @@ def get_trace(
     if spans is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"trace {trace_id} not found")
     return TraceOut(trace_id=trace_id, spans=[SpanOut.from_span(s) for s in spans])
+
+
+@router.get(
+    "/notifications",
+    response_model=NotificationsPage,
+    tags=["notifications"],
+    summary="List notifications (the outbox), newest first",
+    responses=_BAD_CURSOR,
+)
+def list_notifications(
+    reader: ReaderDep,
+    notification_status: Annotated[NotificationStatus | None, Query(alias="status")] = None,
+    incident_id: Annotated[int | None, Query(ge=1, le=_BIGINT_MAX)] = None,
+    limit: Limit = 100,
+    cursor: Cursor = None,
+) -> NotificationsPage:
+    """One row per incident transition and notification target, ordered by ``created_at``
+    descending; every given filter must match. ``failed`` rows are retried until sent."""
+    page = reader.list_notifications(
+        status=None if notification_status is None else notification_status.value,
+        incident_id=incident_id, limit=limit, cursor=cursor,
+    )
+    return NotificationsPage.from_page(page)

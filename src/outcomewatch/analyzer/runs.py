@@ -1,0 +1,285 @@
+"""Compiled rules and the state the engine holds per live trace and per open run (no I/O).
+
+See the engine module docstring for the semantics; this module is their bookkeeping: which spans
+a trace keeps for runs that may still open (``Kept``, bounded per selector) and how an open run
+counts the spans offered to it and what its verdict is (``OpenRun.settle``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Literal
+
+from outcomewatch.model import AttributeValue, FailureReason, GroupValues, Span
+from outcomewatch.rules import Rule, RuleSet, Selector
+
+SpanKey = tuple[str, str]  # (trace id, span id): distinct spans, whatever trace they are in
+CorrelationKey = tuple[Hashable, ...]
+PASS: Literal["pass"] = "pass"
+Verdict = FailureReason | Literal["pass"]
+
+
+def run_id_for(rule: str, trace_id: str, span_id: str) -> str:
+    """Deterministic: the same trigger span always maps to the same run. Stored ids depend on
+    it: never change it."""
+    return hashlib.blake2b(f"{rule}\0{trace_id}\0{span_id}".encode(), digest_size=12).hexdigest()
+
+
+def span_key(span: Span) -> SpanKey:
+    return (span.trace_id, span.span_id)
+
+
+def _ns(d: timedelta) -> int:
+    return (d // timedelta(microseconds=1)) * 1000
+
+
+@dataclass(eq=False, slots=True)
+class Expect:
+    """One ``expect`` item of a compiled rule.
+
+    ``need``: matches required (1 without ``count``, else ``count.gte`` or 0; 0 = optional);
+    ``most``: ``count.lte`` or None; ``cap``: the most distinct matching spans worth holding for
+    a run (``most + 1`` shows a surplus; without ``most``, ``need`` suffice)."""
+
+    rule: CompiledRule
+    index: int
+    selector: Selector
+    need: int
+    most: int | None
+    cap: int
+
+    def counts(self, span: Span, trigger: Span) -> bool:
+        """Whether ``span`` (which matches the selector) counts for a run of ``trigger``."""
+        return not self.selector.after_trigger or span.start_ns >= trigger.start_ns
+
+
+@dataclass(eq=False, slots=True)
+class Forbid:
+    rule: CompiledRule
+    selector: Selector
+    cap: int = 1  # one forbidden span is enough
+
+
+@dataclass(eq=False, slots=True)
+class CompiledRule:
+    rule: Rule
+    index: int
+    expects: tuple[Expect, ...] = ()
+    forbids: tuple[Forbid, ...] = ()
+    bounded: bool = False  # some expectation has an upper count bound: no pass before the wait
+    max_duration_ns: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.rule.name
+
+    @property
+    def correlated(self) -> bool:
+        return bool(self.rule.correlate)
+
+
+def compile_rules(rules: RuleSet) -> tuple[CompiledRule, ...]:
+    compiled: list[CompiledRule] = []
+    for index, rule in enumerate(rules.rules):
+        c = CompiledRule(rule, index)
+        expects = []
+        for j, selector in enumerate(rule.expect):
+            count = selector.count
+            # No count: at least one. A count without gte (``{lte: 1}``) allows none.
+            need = 1 if count is None else count.gte or 0
+            most = None if count is None else count.lte
+            cap = need if most is None else most + 1
+            expects.append(Expect(c, j, selector, need, most, cap))
+        c.expects = tuple(expects)
+        c.forbids = tuple(Forbid(c, selector) for selector in rule.forbid)
+        c.bounded = any(e.most is not None for e in expects)
+        c.max_duration_ns = _ns(rule.max_duration) if rule.max_duration is not None else None
+        compiled.append(c)
+    return tuple(compiled)
+
+
+@dataclass(frozen=True, slots=True)
+class Interest:
+    """What a span of a given name may be: a trigger of some rules, an expected or a forbidden
+    outcome of others (expectations that need nothing and bound nothing are left out)."""
+
+    triggers: tuple[CompiledRule, ...]
+    expects: tuple[Expect, ...]
+    forbids: tuple[Forbid, ...]
+
+
+NO_INTEREST = Interest((), (), ())
+
+
+def interest_in(rules: tuple[CompiledRule, ...], name: str) -> Interest:
+    triggers = tuple(r for r in rules if r.rule.trigger.matches_name(name))
+    expects = tuple(
+        e for r in rules for e in r.expects if e.cap and e.selector.matches_name(name)
+    )
+    forbids = tuple(f for r in rules for f in r.forbids if f.selector.matches_name(name))
+    if not (triggers or expects or forbids):
+        return NO_INTEREST
+    return Interest(triggers, expects, forbids)
+
+
+def _hashable(value: AttributeValue) -> Hashable:
+    """Typed, as ``where`` equality: "1" is not 1, True is not 1, 1 is 1.0."""
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, int | float):
+        return ("number", value)
+    if isinstance(value, str):
+        return ("str", value)
+    return ("json", json.dumps(value, sort_keys=True, default=str))
+
+
+def correlation_key(span: Span, keys: tuple[str, ...]) -> CorrelationKey | None:
+    """The span's values of ``keys`` (attributes, then resource); None if one is missing."""
+    values: list[Hashable] = []
+    for key in keys:
+        value = span.lookup(key)
+        if value is None:
+            return None
+        values.append(_hashable(value))
+    return tuple(values)
+
+
+def group_values(rule: Rule, trigger: Span) -> GroupValues:
+    return tuple((key, trigger.lookup(key)) for key in rule.group_by)
+
+
+class Kept:
+    """At most ``cap`` distinct spans matching one selector. ``latest`` (for ``after: trigger``)
+    keeps the ``cap`` latest-starting ones: if ``k`` spans start after a trigger, the ``k``
+    latest-starting spans all do, so the answer for any trigger that comes later is exact."""
+
+    __slots__ = ("_heap", "cap", "latest", "spans")
+
+    def __init__(self, cap: int, latest: bool) -> None:
+        self.cap = cap
+        self.latest = latest
+        self.spans: dict[SpanKey, Span] = {}
+        self._heap: list[tuple[int, SpanKey]] = []  # (start_ns, key); lazily pruned
+
+    def add(self, span: Span) -> int:
+        """Keep ``span`` if it is worth keeping; returns how many more spans are held (0/1)."""
+        key = (span.trace_id, span.span_id)
+        if key in self.spans:
+            return 0
+        if len(self.spans) < self.cap:
+            self.spans[key] = span
+            if self.latest:
+                heapq.heappush(self._heap, (span.start_ns, key))
+            return 1
+        if not self.latest or not self.spans:
+            return 0
+        while self._heap[0][1] not in self.spans:
+            heapq.heappop(self._heap)
+        start, oldest = self._heap[0]
+        if span.start_ns <= start:
+            return 0
+        heapq.heapreplace(self._heap, (span.start_ns, key))
+        del self.spans[oldest]
+        self.spans[key] = span
+        return 0
+
+    def discard(self, key: SpanKey) -> int:
+        return 0 if self.spans.pop(key, None) is None else 1
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+
+@dataclass(eq=False, slots=True)
+class OpenRun:
+    run_id: str
+    rule: CompiledRule
+    trigger: Span
+    opened_at: datetime
+    deadline_at: datetime | None
+    group: GroupValues
+    values: CorrelationKey | None  # the trigger's correlate values (None: not correlated)
+    matched: list[dict[SpanKey, Span]]  # per expectation: the distinct spans counted
+    forbidden: Span | None = None
+    linked: set[str] = field(default_factory=set)  # other traces linked to the trigger's
+
+    @property
+    def trace_id(self) -> str:
+        return self.trigger.trace_id
+
+    def wants(self, expect: Expect) -> bool:
+        """Whether another matching span could still change this run's verdict."""
+        return expect.most is not None or len(self.matched[expect.index]) < expect.need
+
+    def offer(self, expect: Expect, span: Span) -> bool:
+        """Count ``span`` (it matches ``expect``'s selector); True if it counted."""
+        if not self.wants(expect) or not expect.counts(span, self.trigger):
+            return False
+        matched = self.matched[expect.index]
+        key = (span.trace_id, span.span_id)
+        if key in matched:
+            return False
+        matched[key] = span
+        return True
+
+    def unmet(self) -> list[Expect]:
+        return [e for e in self.rule.expects if len(self.matched[e.index]) < e.need]
+
+    def missing(self) -> tuple[str, ...]:
+        return tuple(e.selector.span for e in self.unmet())
+
+    def surplus(self) -> tuple[Span, ...]:
+        """The spans counted beyond an upper bound, in the order they were counted."""
+        extra: list[Span] = []
+        for e in self.rule.expects:
+            if e.most is not None and len(self.matched[e.index]) > e.most:
+                extra.extend(list(self.matched[e.index].values())[e.most:])
+        return tuple(extra)
+
+    def last_outcome_end_ns(self) -> int:
+        ends = [s.end_ns for matched in self.matched for s in matched.values()]
+        return max(ends, default=self.trigger.start_ns)
+
+    def settle(self, wait_over: FailureReason | None) -> Verdict | None:
+        """The verdict now, or None to keep waiting. ``wait_over`` is the reason to fail with
+        when the wait has ended (deadline, idle trace), None while it lasts."""
+        if self.forbidden is not None:
+            return FailureReason.FORBIDDEN
+        if self.surplus():
+            return FailureReason.COUNT
+        if self.unmet():
+            return wait_over
+        limit = self.rule.max_duration_ns
+        if limit is not None and self.last_outcome_end_ns() - self.trigger.start_ns > limit:
+            return FailureReason.MAX_DURATION
+        if self.rule.bounded and wait_over is None:
+            return None
+        return PASS
+
+
+@dataclass(eq=False, slots=True)
+class LiveTrace:
+    """A trace the engine holds state for: kept candidate spans and open runs."""
+
+    trace_id: str
+    last_seen: datetime
+    first_received_ns: int
+    kept: dict[Expect | Forbid, Kept] = field(default_factory=dict)
+    runs: dict[str, OpenRun] = field(default_factory=dict)
+    # per expectation, the runs of this trace still wanting spans that match it
+    waiting: dict[Expect, dict[str, OpenRun]] = field(default_factory=dict)
+    held: int = 0  # kept spans + triggers of open runs
+
+    def keep(self, what: Expect | Forbid, span: Span) -> int:
+        kept = self.kept.get(what)
+        if kept is None:
+            after = isinstance(what, Expect) and what.selector.after_trigger
+            kept = self.kept[what] = Kept(what.cap, after)
+        added = kept.add(span)
+        self.held += added
+        return added
