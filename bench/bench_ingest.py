@@ -5,9 +5,10 @@ bare protobuf parse rate measured in the same run on the same machine?
 
 It starts ``outcomewatch serve`` as a separate process (its own GIL, its own DuckDB file, the
 example rules and one of its own), sends pre-serialised ExportTraceServiceRequests over a raw
-gRPC channel with several calls in flight (the official Python exporter tops out near 14k spans/s, so it cannot be
-the load generator), then measures the time from a trace's last span to its verdict: a passing
-run (decided the moment the last outcome arrives) and a failing one (decided after --trace-idle).
+gRPC channel with several calls in flight (the official Python exporter tops out near 14k
+spans/s, so it cannot be the load generator), then measures the time from a trace's last span
+to its verdict: a passing run (decided the moment the last outcome arrives) and a failing one
+(decided after --trace-idle).
 Figures vary +-30% between runs on small VMs: quote the ratio, not the absolute rate.
 """
 

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +100,16 @@ class RunningServer:
         return result
 
 
+def last_noon() -> datetime:
+    """The latest 12:00 UTC not after now. Far from the example schedule's slot (03:00
+    Helsinki), so tests that move the clock by hours never cross it by accident whenever CI
+    runs; and never ahead of the real clock the SDK stamps spans with, so a deadline counted
+    from a span's start is never already past."""
+    now = datetime.now(UTC)
+    noon = now.replace(hour=12, minute=0, second=0, microsecond=0)
+    return noon if noon <= now else noon - timedelta(days=1)
+
+
 def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
     asyncio.set_event_loop(loop)
     loop.run_forever()
@@ -122,7 +132,7 @@ def running_server(
         config=str(config) if config else None,
         api_token=api_token,
     )
-    clock = clock or ManualClock()
+    clock = clock or ManualClock(last_noon())
     server = Server(settings, clock=clock)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=_run_loop, args=(loop,), daemon=True)

@@ -3,6 +3,7 @@ file:line:column."""
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 from outcomewatch.config import DEFAULT_EXTERNAL_URL, load_config
 from outcomewatch.errors import RuleError
+from outcomewatch.incidents.senders import render_template
 
 EXAMPLE = """\
 external_url: http://outcomewatch.internal:8080/
@@ -173,3 +175,14 @@ def test_an_unreadable_file_is_reported(tmp_path: Path) -> None:
     (problem,) = caught.value.problems
     assert problem.file == str(missing) and problem.line == 1
     assert problem.message.startswith("cannot read config file:")
+
+
+def test_the_shipped_example_config_loads_and_its_template_renders_valid_json() -> None:
+    example = Path(__file__).resolve().parent.parent / "deploy" / "outcomewatch.yaml"
+    config = load_config(example)
+    assert config.targets_for("billing-oncall") == ("alertmanager",)
+    template = config.routes["ml-platform-oncall"].webhook
+    assert template is not None and template.template is not None
+    body = render_template(template.template, {"summary": 'say "hi"'}, transition="opened",
+                           url="http://x/1")
+    assert json.loads(body) == {"text": '[opened] say "hi" http://x/1'}

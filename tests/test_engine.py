@@ -66,9 +66,11 @@ def span(
     duration: timedelta = timedelta(microseconds=1),
     links: tuple[tuple[bytes, bytes], ...] = (),
     span_id: bytes | None = None,
+    attrs: dict[str, Any] | None = None,
     **attributes: Any,
 ) -> Span:
-    """A protobuf span; ``links`` are (trace id, span id) pairs."""
+    """A protobuf span; ``links`` are (trace id, span id) pairs; attributes from ``attrs`` (for
+    keys with dots) and keyword arguments."""
     start = time.time_ns() if start_ns is None else start_ns
     code = Status.STATUS_CODE_ERROR if error else (
         Status.STATUS_CODE_OK if ok else Status.STATUS_CODE_UNSET)
@@ -76,7 +78,7 @@ def span(
                    start_time_unix_nano=start,
                    end_time_unix_nano=start + duration // timedelta(microseconds=1) * 1000,
                    status=Status(code=code))
-    for key, value in attributes.items():
+    for key, value in {**(attrs or {}), **attributes}.items():
         any_value = (AnyValue(string_value=value) if isinstance(value, str)
                      else AnyValue(int_value=value))
         pb_span.attributes.append(KeyValue(key=key, value=any_value))
@@ -94,7 +96,7 @@ def batch(*spans: Span, resource: dict[str, str] | None = None) -> SpanBatch:
 
 
 def order(trace: bytes) -> Span:
-    return span(trace, "order.placed", **{"order.kind": "online"})
+    return span(trace, "order.placed", attrs={"order.kind": "online"})
 
 
 def test_a_run_passes_the_moment_its_last_outcome_arrives(engine: Engine) -> None:
@@ -147,7 +149,7 @@ def test_spans_no_rule_looks_at_still_keep_a_live_trace_from_going_idle(
 
 def test_a_trigger_whose_where_does_not_match_opens_nothing(engine: Engine) -> None:
     trace = os.urandom(16)
-    events = engine.observe(batch(span(trace, "order.placed", **{"order.kind": "phone"})))
+    events = engine.observe(batch(span(trace, "order.placed", attrs={"order.kind": "phone"})))
     assert events == []
     assert engine.live_traces == 0
 
@@ -190,4 +192,26 @@ def test_a_rule_with_within_fails_with_reason_deadline(engine: Engine, clock: Ma
 def test_traces_without_any_span_a_rule_names_keep_no_state(engine: Engine) -> None:
     trace = os.urandom(16)
     assert engine.observe(batch(*(span(trace, f"step.{i}") for i in range(50)))) == []
+    assert engine.live_traces == 0
+
+
+def test_an_outcome_exported_long_before_its_long_running_trigger_still_counts(
+    engine: Engine, clock: ManualClock
+) -> None:
+    # A root span that runs for 20 minutes is exported when it ends, long after its child.
+    trace = os.urandom(16)
+    engine.observe(batch(span(trace, "export.uploaded")))
+    clock.advance(timedelta(minutes=20))
+    engine.tick()
+    events = engine.observe(batch(span(trace, "export.requested")))
+    assert [type(e) for e in events] == [RunOpened, RunPassed]
+
+
+def test_held_outcomes_are_forgotten_after_the_longest_within(
+    engine: Engine, clock: ManualClock
+) -> None:
+    trace = os.urandom(16)
+    engine.observe(batch(span(trace, "export.uploaded")))
+    clock.advance(timedelta(hours=1, seconds=1))  # the longest `within` of the rules here
+    engine.tick()
     assert engine.live_traces == 0

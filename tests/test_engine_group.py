@@ -37,7 +37,7 @@ def engine(tmp_path: Path, clock: ManualClock) -> Engine:
 def test_a_passed_run_carries_the_triggers_group_values(engine: Engine) -> None:
     trace = os.urandom(16)
     events = engine.observe(batch(
-        span(trace, "export.request", **{"customer.id": "c1", "plan": 3}),
+        span(trace, "export.request", attrs={"customer.id": "c1", "plan": 3}),
         span(trace, "export.delivered"), resource={"region": "eu"}))
 
     passed = events[-1]
@@ -48,7 +48,7 @@ def test_a_passed_run_carries_the_triggers_group_values(engine: Engine) -> None:
 def test_a_failed_run_carries_the_group_values_with_none_for_missing_keys(
     engine: Engine, clock: ManualClock
 ) -> None:
-    engine.observe(batch(span(os.urandom(16), "export.request", **{"customer.id": "c2"})))
+    engine.observe(batch(span(os.urandom(16), "export.request", attrs={"customer.id": "c2"})))
     clock.advance(IDLE)
 
     (failed,) = engine.tick()

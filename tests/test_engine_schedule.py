@@ -41,7 +41,7 @@ def engine(tmp_path: Path, clock: ManualClock) -> Engine:
 
 def trigger(at: datetime) -> Span:
     """The trigger span of a nightly backup, started at ``at``."""
-    return span(os.urandom(16), "backup.run", start_ns=to_ns(at), **{"backup.kind": "nightly"})
+    return span(os.urandom(16), "backup.run", start_ns=to_ns(at), attrs={"backup.kind": "nightly"})
 
 
 def missed(engine: Engine, clock: ManualClock, until: datetime) -> list[RunFailed]:
@@ -98,7 +98,7 @@ def test_a_trigger_that_does_not_match_in_full_does_not_keep_the_slot(
     engine: Engine, clock: ManualClock
 ) -> None:
     engine.observe(batch(span(os.urandom(16), "backup.run", start_ns=to_ns(SLOT),
-                              **{"backup.kind": "weekly"})))
+                              attrs={"backup.kind": "weekly"})))
     assert len(missed(engine, clock, SLOT + 2 * HOUR)) == 1
 
 

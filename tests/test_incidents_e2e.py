@@ -233,3 +233,26 @@ def test_an_outcome_that_arrives_after_the_verdict_is_recorded_not_erased(tmp_pa
         kinds = [e["kind"] for e in w.server.get(
             f"/api/v1/incidents/{incident['id']}")["timeline"]]
         assert kinds == ["opened", "late_outcome"]
+
+
+def test_metrics_count_spans_runs_incidents_and_notifications(tmp_path):
+    with world(tmp_path) as w:
+        w.passed_order()
+        w.failed_order()
+        w.webhook_statuses(1)
+
+        def scraped_after_delivery() -> str:
+            response = w.server.api.get("/metrics")
+            assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+            return response.text if 'result="sent"' in response.text else ""
+
+        text = w.server.wait_for(scraped_after_delivery, what="metrics after a delivery")
+        lines = set(text.splitlines())
+        assert 'outcomewatch_runs_total{rule="order-confirmed",status="passed"} 1.0' in lines
+        assert 'outcomewatch_runs_total{rule="order-confirmed",status="failed"} 1.0' in lines
+        assert ('outcomewatch_open_incidents{rule="order-confirmed",severity="critical"} 1.0'
+                in lines)
+        assert any(line.startswith('outcomewatch_spans_received_total{transport="grpc"}')
+                   for line in lines)
+        assert "outcomewatch_time_to_outcome_seconds_bucket" in text
+        assert "outcomewatch_storage_write_seconds_count" in text

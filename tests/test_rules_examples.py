@@ -10,9 +10,10 @@ import pytest
 
 from outcomewatch.model import Span, SpanStatus
 from outcomewatch.rules import Rule, check_paths, load_rules
+from outcomewatch.rules.load import is_rule_test_file
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "rules" / "examples"
-EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
+EXAMPLE_FILES = sorted(p for p in EXAMPLES.glob("*.yaml") if not is_rule_test_file(p))
 
 OK, ERROR = SpanStatus.OK, SpanStatus.ERROR
 

@@ -10,9 +10,10 @@ import pytest
 import yaml
 
 from outcomewatch.rules import json_schema
+from outcomewatch.rules.load import is_rule_test_file
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "rules" / "examples"
-EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
+EXAMPLE_FILES = sorted(p for p in EXAMPLES.glob("*.yaml") if not is_rule_test_file(p))
 
 needs_jsonschema = pytest.mark.skipif(
     importlib.util.find_spec("jsonschema") is None,

@@ -4,6 +4,9 @@
                        [--api HOST:PORT] [--trace-idle DURATION]
     outcomewatch check PATH ... [--format text|json]
     outcomewatch schema
+    outcomewatch test FILE...
+    outcomewatch replay --rules PATH [--rules PATH ...] [--db FILE] [--since DURATION]
+                        [--trace-idle DURATION] [--format text|json]
 """
 
 from __future__ import annotations
@@ -43,6 +46,17 @@ def _duration_arg(text: str) -> timedelta:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _positive_int_arg(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _retention_arg(text: str) -> timedelta | None:
+    """A duration, or ``forever`` (None: never delete)."""
+    return None if text.strip().lower() == "forever" else _duration_arg(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="outcomewatch", description="Did the customer-visible outcome actually happen?"
@@ -75,6 +89,31 @@ def build_parser() -> argparse.ArgumentParser:
                        default=os.environ.get("OUTCOMEWATCH_API_READ_TOKEN"), metavar="TOKEN",
                        help="bearer token required for API reads "
                             "(env OUTCOMEWATCH_API_READ_TOKEN; the write token also reads)")
+    serve.add_argument("--otlp-token", default=os.environ.get("OUTCOMEWATCH_OTLP_TOKEN"),
+                       metavar="TOKEN",
+                       help="bearer token OTLP clients must send (env OUTCOMEWATCH_OTLP_TOKEN)")
+    serve.add_argument("--tls-cert", metavar="FILE",
+                       help="PEM certificate chain: serve gRPC, HTTP and the API over TLS")
+    serve.add_argument("--tls-key", metavar="FILE", help="PEM private key for --tls-cert")
+    serve.add_argument("--max-queue", type=_positive_int_arg, default=1024, metavar="N",
+                       help="exports queued for the database before new ones are refused with "
+                            "UNAVAILABLE / 503 + Retry-After (default 1024)")
+    serve.add_argument("--retention", type=_retention_arg, default=timedelta(days=14),
+                       metavar="DURATION",
+                       help="keep spans of traces whose runs all passed (or that opened none) "
+                            "this long; 'forever' keeps them (default 14d)")
+    serve.add_argument("--evidence-retention", type=_retention_arg, default=timedelta(days=90),
+                       metavar="DURATION",
+                       help="keep spans of traces with a failed run (incident evidence) this "
+                            "long; incidents themselves are kept (default 90d)")
+    serve.add_argument("--retention-interval", type=_duration_arg,
+                       default=timedelta(minutes=10), metavar="DURATION",
+                       help="how often expired spans are deleted (default 10m)")
+    serve.add_argument("--max-live-traces", type=int, metavar="N",
+                       help="live traces held in memory; over it the oldest are evaluated "
+                            "early (reason evicted) and counted, never dropped silently")
+    serve.add_argument("--max-live-spans", type=int, metavar="N",
+                       help="spans held in memory for open runs (a memory budget), likewise")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
 
@@ -86,6 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="text: one problem per line; json: {problems, rules} (default text)")
 
     commands.add_parser("schema", help="print the JSON Schema of a rule file (for editors)")
+
+    test = commands.add_parser(
+        "test", help="run rule unit tests (YAML: rule files, input spans, expected runs)")
+    test.add_argument("files", nargs="+", metavar="FILE", help="rule test file")
+
+    replay = commands.add_parser(
+        "replay", help="evaluate rules against stored spans (read-only): runs and incidents")
+    replay.add_argument("--rules", action="append", metavar="PATH", required=True,
+                        help="rule file or directory (repeatable)")
+    replay.add_argument("--db", default="data/outcomewatch.duckdb", metavar="FILE",
+                        help="DuckDB file, opened read-only (default: data/outcomewatch.duckdb)")
+    replay.add_argument("--since", type=_duration_arg, metavar="DURATION",
+                        help="only spans received this long ago or later (default: all)")
+    replay.add_argument("--trace-idle", type=_duration_arg, default=timedelta(seconds=10),
+                        metavar="DURATION", help="as for serve (default 10s)")
+    replay.add_argument("--format", choices=["text", "json"], default="text")
     return parser
 
 
@@ -104,7 +159,19 @@ def _serve(args: argparse.Namespace) -> int:
         config=args.config,
         api_token=args.api_token or None,
         api_read_token=args.api_read_token or None,
+        otlp_token=args.otlp_token or None,
+        max_live_traces=args.max_live_traces,
+        max_live_spans=args.max_live_spans,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        max_queue=args.max_queue,
+        retention=args.retention,
+        evidence_retention=args.evidence_retention,
+        retention_interval=args.retention_interval,
     )
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("outcomewatch: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
     try:
         server = Server(settings)
         asyncio.run(server.run_until_signalled())
@@ -150,12 +217,46 @@ def _schema() -> int:
     return 0
 
 
+def _test(args: argparse.Namespace) -> int:
+    """Exit 0 when every case of every file passes, else 1; ``N passed, M failed`` comes last."""
+    from outcomewatch.offline import run_test_files
+
+    return run_test_files(args.files, sys.stdout)
+
+
+def _replay(args: argparse.Namespace) -> int:
+    import time
+
+    from outcomewatch.offline import render_replay, replay
+    from outcomewatch.rules import load_rules
+
+    try:
+        rules = load_rules(args.rules)
+    except RuleError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    since_ns = None
+    if args.since is not None:
+        since_ns = time.time_ns() - int(args.since.total_seconds() * 1e9)
+    try:
+        report = replay(rules, args.db, since_ns=since_ns, idle=args.trace_idle)
+    except StoreError as exc:
+        print(f"outcomewatch: {exc}", file=sys.stderr)
+        return 1
+    print(render_replay(report, args.format))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
     if args.command == "schema":
         return _schema()
+    if args.command == "test":
+        return _test(args)
+    if args.command == "replay":
+        return _replay(args)
     return _check(args)
 
 

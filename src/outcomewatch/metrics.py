@@ -69,6 +69,12 @@ class Metrics:
         self.storage_write_seconds = Histogram(
             "outcomewatch_storage_write_seconds", "Duration of one group commit to DuckDB.",
             buckets=_WRITE_BUCKETS, registry=r)
+        self.spans_deleted = Counter(
+            "outcomewatch_spans_deleted",
+            "Spans deleted by retention, by kind: passed (traces whose runs all passed, or "
+            "that opened none; --retention) or evidence (traces of failed runs; "
+            "--evidence-retention).",
+            ["kind"], registry=r)
 
     def watch_open_incidents(self, count: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
         self.registry.register(_OpenIncidents(count))

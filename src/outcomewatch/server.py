@@ -18,7 +18,7 @@ import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
@@ -30,8 +30,10 @@ from starlette.types import ASGIApp
 from outcomewatch.analyzer.engine import Engine
 from outcomewatch.analyzer.evidence import failure_detail, failure_summary
 from outcomewatch.api.app import create_app
+from outcomewatch.api.routes.rules import ReloadResult
 from outcomewatch.clock import Clock, system_clock, to_ns
 from outcomewatch.config import NotifyConfig, load_config
+from outcomewatch.errors import RuleError
 from outcomewatch.incidents.notify import Notifier
 from outcomewatch.metrics import Metrics
 from outcomewatch.model import (
@@ -47,7 +49,8 @@ from outcomewatch.otlp import SpanBatch, decode_stored_span
 from outcomewatch.receiver.grpc import start_grpc_receiver
 from outcomewatch.receiver.http import create_http_receiver
 from outcomewatch.receiver.limits import Limits
-from outcomewatch.rules import RuleSet, load_rules
+from outcomewatch.rules import RuleSet, load_rules, rule_files
+from outcomewatch.store import retention
 from outcomewatch.store.duckdb import IncidentFacts, PassStreak, Store
 from outcomewatch.store.incidents import Action, ActionResult
 from outcomewatch.store.queries import Reader
@@ -82,6 +85,16 @@ class Settings:
     api_token: str | None = None  # bearer token for API writes
     api_read_token: str | None = None  # bearer token for API reads
     notify_interval: timedelta = timedelta(seconds=1)  # how often the outbox is polled
+    max_live_traces: int | None = None  # over it, the oldest live traces are evaluated early
+    max_live_spans: int | None = None  # the same for spans held in memory (a memory budget)
+    rules_poll: timedelta = timedelta(seconds=2)  # how often rule files are checked for changes
+    otlp_token: str | None = None  # bearer token required from OTLP clients
+    tls_cert: str | None = None  # PEM certificate chain: TLS on all three listeners
+    tls_key: str | None = None  # PEM private key for tls_cert
+    max_queue: int = 1024  # span jobs queued for the writer before exports get UNAVAILABLE
+    retention: timedelta | None = timedelta(days=14)  # spans of passed / run-less traces
+    evidence_retention: timedelta | None = timedelta(days=90)  # spans of failed runs' traces
+    retention_interval: timedelta = timedelta(minutes=10)  # how often retention runs
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -106,9 +119,12 @@ class Server:
         self.settings = settings
         self.clock = clock
         self.rules: RuleSet = load_rules(list(settings.rules))
+        self.loaded_at = clock()
+        self._rule_files_seen = self._rule_files_signature()
         self.notify: NotifyConfig = load_config(settings.config)
         self.metrics = Metrics()
-        self.engine = Engine(self.rules, idle=settings.trace_idle, clock=clock)
+        self.engine = self._new_engine({})
+        self._evicted_seen = 0
         self.store: Store | None = None
         self.grpc_port = 0
         self.http_port = 0
@@ -117,6 +133,7 @@ class Server:
         self._uvicorns: list[_EmbeddedUvicorn] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
+        self._serving: list[asyncio.Task[None]] = []  # the uvicorn servers: stopped gracefully
         self._ready = False
         self._notifier: Notifier | None = None
 
@@ -127,24 +144,33 @@ class Server:
             log.warning("protobuf uses the %s backend; ingest will be ~100x slower than with upb",
                         api_implementation.Type())
         Path(self.settings.db).parent.mkdir(parents=True, exist_ok=True)
-        self.store = Store(self.settings.db,
+        self.store = Store(self.settings.db, max_queue=self.settings.max_queue,
                            on_commit=self.metrics.storage_write_seconds.observe)
         self.metrics.watch_open_incidents(self.store.open_incident_counts)
+        # Scheduled rules go on from where the last process stopped judging their slots.
+        self.engine = self._new_engine(await asyncio.to_thread(self.store.schedule_progress))
         await self._recover()
         self._grpc, self.grpc_port = await start_grpc_receiver(
             self._ingest_from("grpc"), host=self.settings.grpc.host, port=self.settings.grpc.port,
-            limits=self.settings.limits,
+            limits=self.settings.limits, token=self.settings.otlp_token, tls=self._tls_pair(),
         )
-        http_app = create_http_receiver(self._ingest_from("http"), limits=self.settings.limits)
+        http_app = create_http_receiver(self._ingest_from("http"), limits=self.settings.limits,
+                                        token=self.settings.otlp_token)
         api_app = create_app(
             Reader(self.store.conn), ready=lambda: self._ready and self.store is not None
             and self.store.healthy, actions=self._act, api_token=self.settings.api_token,
-            read_token=self.settings.api_read_token, metrics=self.metrics.render,
+            read_token=self.settings.api_read_token, metrics=self.metrics.render, rules=self,
         )
         self.http_port = await self._serve_asgi(http_app, self.settings.http)
         self.api_port = await self._serve_asgi(api_app, self.settings.api)
         self._background.append(asyncio.create_task(self._tick_loop()))
-        self._notifier = Notifier(self.store, self.notify, clock=self.clock)
+        self._background.append(asyncio.create_task(self._watch_rule_files()))
+        self._background.append(asyncio.create_task(self._retention_loop()))
+        self._notifier = Notifier(
+            self.store, self.notify, clock=self.clock,
+            on_attempt=lambda target, delivered: self.metrics.notifications.labels(
+                target, "sent" if delivered else "failed").inc(),
+        )
         self._background.append(asyncio.create_task(
             self._notifier.run_forever(interval=self.settings.notify_interval)))
         self._warn_unrouted()
@@ -155,13 +181,29 @@ class Server:
             self.settings.api.host, self.api_port, len(self.rules.rules),
         )
 
+    def _recovery_window(self) -> timedelta:
+        """How far back a restart reads spans again: the idle time, and long enough for the
+        triggers of schedule slots not yet judged and for correlated outcomes still awaited."""
+        window = self.settings.trace_idle
+        for rule in self.rules.rules:
+            if rule.schedule is not None:
+                window = max(window, 2 * rule.schedule.grace)
+            if rule.correlate and rule.within is not None:
+                window = max(window, rule.within)
+        return window
+
     async def _recover(self) -> None:
         """Rebuild live traces and open runs from the database, so that a restart (even after
         kill -9) neither forgets a run nor gives a verdict twice: verdicts already stored are
         skipped, and storing is idempotent (run ids are derived from the trigger span)."""
         assert self.store is not None
-        since = to_ns(self.clock()) - int(self.settings.trace_idle.total_seconds() * 1e9)
-        rows = await asyncio.to_thread(self.store.recovery_spans, since)
+        window = int(self._recovery_window().total_seconds() * 1e9)
+        # Back from now, and back from the last span stored: the process may have been down for
+        # longer than the window, and the verdict writes of the last exports it acknowledged
+        # (queued after their spans' commit) may never have been committed.
+        last = await asyncio.to_thread(self.store.last_received_ns)
+        since = min(to_ns(self.clock()), last if last is not None else to_ns(self.clock()))
+        rows = await asyncio.to_thread(self.store.recovery_spans, since - window)
         if not rows:
             return
         spans = [(decode_stored_span(raw, res, scope=scope), received)
@@ -173,6 +215,50 @@ class Server:
         log.info("recovered %d spans: %d live traces, %d open runs",
                  len(spans), self.engine.live_traces, self.engine.open_runs)
 
+
+    # -- rules: hot reload ----------------------------------------------------------------
+
+    async def reload(self) -> ReloadResult:
+        """Load the rule files again. An invalid set is rejected with its problems and the
+        running rules stay; a valid one replaces them for new spans (open runs keep the rule
+        they were opened with)."""
+        try:
+            rules = await asyncio.to_thread(load_rules, list(self.settings.rules))
+        except RuleError as exc:
+            log.error("rule reload rejected, %d problem(s); the old rules keep running:\n%s",
+                      len(exc.problems), exc)
+            return ReloadResult(len(self.rules.rules), exc.problems, self.loaded_at)
+        self.rules = rules
+        self.engine.load_rules(rules)
+        self.loaded_at = self.clock()
+        self._rule_files_seen = self._rule_files_signature()
+        log.info("reloaded %d rules", len(rules.rules))
+        self._warn_unrouted()
+        return ReloadResult(len(rules.rules), (), self.loaded_at)
+
+    def _rule_files_signature(self) -> tuple[tuple[str, int, int], ...]:
+        try:
+            files = rule_files(list(self.settings.rules))
+        except RuleError:
+            return ()
+        signature = []
+        for path in files:
+            with contextlib.suppress(OSError):
+                stat = path.stat()
+                signature.append((str(path), stat.st_mtime_ns, stat.st_size))
+        return tuple(signature)
+
+    async def _watch_rule_files(self) -> None:
+        """Reload when a rule file is added, removed or changed (polled: no extra dependency,
+        and it works the same on network file systems and in containers)."""
+        interval = self.settings.rules_poll.total_seconds()
+        while True:
+            await asyncio.sleep(interval)
+            signature = await asyncio.to_thread(self._rule_files_signature)
+            if signature != self._rule_files_seen:
+                self._rule_files_seen = signature
+                await self.reload()
+
     async def _act(
         self, incident_id: int, action: Action, *, actor: str, comment: str | None
     ) -> ActionResult:
@@ -181,6 +267,13 @@ class Server:
         routes = {rule.route: self.notify.targets_for(rule.route) for rule in self.rules.rules}
         return await self.store.act(incident_id, action, actor=actor, comment=comment,
                                     at=self.clock(), targets_for_route=routes)
+
+    def _new_engine(self, schedule_since: dict[str, datetime]) -> Engine:
+        return Engine(
+            self.rules, idle=self.settings.trace_idle, clock=self.clock,
+            max_live_traces=self.settings.max_live_traces,
+            max_live_spans=self.settings.max_live_spans, schedule_since=schedule_since,
+        )
 
     def _warn_unrouted(self) -> None:
         """A rule whose route has no target gets no notifications: say so once, at start."""
@@ -191,18 +284,45 @@ class Server:
                 log.warning("rule %s: route %r has no notification target in the config",
                             rule.name, rule.route)
 
+    def _tls_pair(self) -> tuple[bytes, bytes] | None:
+        if not self.settings.tls_cert or not self.settings.tls_key:
+            return None
+        return Path(self.settings.tls_key).read_bytes(), Path(self.settings.tls_cert).read_bytes()
+
     async def _serve_asgi(self, app: ASGIApp, address: Address) -> int:
         sock = _bind(address)
         # Starlette's and uvicorn's ASGI type aliases spell the same protocol differently.
         config = uvicorn.Config(
-            cast(Any, app), log_level="warning", access_log=False, lifespan="off"
+            cast(Any, app), log_level="warning", access_log=False, lifespan="off",
+            ssl_certfile=self.settings.tls_cert, ssl_keyfile=self.settings.tls_key,
         )
         server = _EmbeddedUvicorn(config)
         self._uvicorns.append(server)
-        self._background.append(asyncio.create_task(server.serve(sockets=[sock])))
+        self._serving.append(asyncio.create_task(server.serve(sockets=[sock])))
         while not server.started:
             await asyncio.sleep(0.01)
         return int(sock.getsockname()[1])
+
+    # -- retention ------------------------------------------------------------------------
+
+    async def apply_retention(self) -> retention.Deleted:
+        """Delete spans past --retention / --evidence-retention (see store/retention.py)."""
+        assert self.store is not None
+        policy = retention.Policy(spans=self.settings.retention,
+                                  evidence=self.settings.evidence_retention)
+        deleted = await retention.apply(self.store, policy, now=self.clock())
+        self.metrics.spans_deleted.labels("passed").inc(deleted.spans)
+        self.metrics.spans_deleted.labels("evidence").inc(deleted.evidence)
+        return deleted
+
+    async def _retention_loop(self) -> None:
+        interval = self.settings.retention_interval.total_seconds()
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.apply_retention()
+            except Exception:  # a failing disk: the next round tries again
+                log.exception("retention failed")
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight exports finish, store pending verdicts, close the file."""
@@ -210,10 +330,15 @@ class Server:
         if self._grpc is not None:
             await self._grpc.stop(grace=5)
         for server in self._uvicorns:
-            server.should_exit = True
+            server.should_exit = True  # uvicorn finishes the requests it is serving
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        if self._serving:
+            _, pending = await asyncio.wait(self._serving, timeout=10)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*self._serving, return_exceptions=True)
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._notifier is not None:
             await self._notifier.aclose()
@@ -225,6 +350,7 @@ class Server:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
         await self.start()
         try:
             await stop.wait()
@@ -253,9 +379,11 @@ class Server:
         await self.store.append_spans(batch)
         self._handle(self.engine.observe(batch))
 
-    def _handle(self, events: Sequence[RunEvent]) -> None:
+    def _handle(self, events: Sequence[RunEvent]) -> list[asyncio.Task[None]]:
         """Persist what the engine decided: opened and passed runs and late outcomes are queued
-        to the writer in order; each failure first reads its trace for evidence."""
+        to the writer in order; each failure first reads its trace for evidence (the tasks that
+        do so are returned)."""
+        created: list[asyncio.Task[None]] = []
         assert self.store is not None
         opened = [e for e in events if isinstance(e, RunOpened)]
         passed = [e for e in events if isinstance(e, RunPassed)]
@@ -279,6 +407,8 @@ class Server:
                 task = asyncio.create_task(self._record_failure(failure))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+                created.append(task)
+        return created
 
     def _streaks(self, passed: Sequence[RunPassed]) -> list[PassStreak]:
         counts = Counter((run.rule, group_key(run.group)) for run in passed)
@@ -292,8 +422,19 @@ class Server:
 
     async def _tick_loop(self) -> None:
         interval = self.settings.tick.total_seconds()
+        saved: dict[str, datetime] = {}
         while True:
-            self._handle(self.engine.tick())
+            recording = self._handle(self.engine.tick())
+            progress = self.engine.schedule_progress()
+            if progress != saved:
+                # Only once the missed slots' failures are stored: a slot reported twice is
+                # harmless (deterministic run ids), a slot forgotten is not.
+                await asyncio.gather(*recording, return_exceptions=True)
+                assert self.store is not None
+                self.store.save_schedule_progress(progress)
+                saved = progress
+            self.metrics.evicted_traces.inc(self.engine.evicted_traces - self._evicted_seen)
+            self._evicted_seen = self.engine.evicted_traces
             self.metrics.live_traces.set(self.engine.live_traces)
             self.metrics.open_runs.set(self.engine.open_runs)
             await asyncio.sleep(interval)

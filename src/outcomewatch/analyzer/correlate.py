@@ -20,10 +20,17 @@ from typing import TypeVar
 
 from outcomewatch.analyzer.runs import CorrelationKey, Expect, Kept, OpenRun, SpanKey
 from outcomewatch.model import Span
+from outcomewatch.otlp import SpanBatch
 
 PoolKey = tuple[str, str, Hashable]  # ("values", rule, values) or ("trace", trace id, None)
 Candidates = list[tuple[Expect, Span]]
 _K = TypeVar("_K", bound=Hashable)
+
+
+def link_targets(batch: SpanBatch, i: int) -> list[str]:
+    """The trace ids span ``i`` of ``batch`` links to, read without decoding its attributes
+    (SpanBatch has no public accessor for this yet)."""
+    return [link.trace_id.hex() for link in batch._pb_spans[i].links]
 
 
 @dataclass(eq=False, slots=True)
@@ -60,7 +67,9 @@ class Correlation:
         runs: list[OpenRun] = []
         if values is not None:
             self._keep(("values", rule.name, values), expect, span, now)
-            runs.extend(self._by_values.get((rule.name, values), {}).values())
+            by_values = self._by_values.get((rule.name, values))
+            if by_values:
+                runs.extend(run for run in by_values.values() if run.rule is rule)
         self._keep(("trace", span.trace_id, None), expect, span, now)
         linked = self._by_linked.get(span.trace_id)
         if linked:

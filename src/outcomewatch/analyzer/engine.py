@@ -16,11 +16,13 @@ Runs
   (name, service, status, ``where``, ``duration``) in the trigger's trace, whenever they arrive:
   spans sent before the trigger count too. With ``after: trigger`` only spans whose start_ns is
   >= the trigger's start_ns count. It is met when the count reaches ``count.gte``: 1 without
-  ``count``, 0 for a count without ``gte`` (``{lte: 1}``: at most once) or ``gte: 0``.
+  ``count``, 0 for a count without ``gte`` (``{lte: 1}``: at most once) or ``gte: 0``. Without
+  an upper bound, the first ``gte`` spans counted are the ones that count (later ones are
+  ignored). One span may count for several expectations (the trigger itself too).
 - The run passes as soon as every expectation is met, unless some expectation has an upper
-  bound (``count.lte``): then it can only pass when its wait ends, since another match could
-  still come. A match beyond ``lte`` fails the run at once: reason ``count``, the surplus spans
-  in ``offending``.
+  bound (``count.lte``): then it can only pass when its wait ends (tick returns that RunPassed),
+  since another match could still come. A match beyond ``lte`` fails the run at once: reason
+  ``count``, the surplus spans in ``offending``.
 - ``max_duration``: when every expectation is met but the latest end_ns among the counted spans
   is more than ``max_duration`` after the trigger's start_ns, the run fails (``max_duration``)
   instead of passing.
@@ -35,7 +37,8 @@ Runs
   on RunPassed and RunFailed as ``group``.
 - ``correlate`` (always with ``within``): an expectation may also be met by spans of other
   traces (1) that carry the trigger's values of every ``correlate`` key (attributes, then
-  resource; a trigger missing a key correlates by links only), or (2) of a trace X in which
+  resource; typed equality as in ``where``; a trigger missing a key correlates by links only),
+  or (2) of a trace X in which
   some span has an OTel link into the trigger's trace (to any of its spans): all of X counts.
   Such spans and links are held for the longest ``within`` of the correlated rules (clock time
   since seen), so outcomes sent before the trigger count. Links are read from every span while
@@ -59,8 +62,12 @@ held (for ``after: trigger``: the latest-starting), one per forbid selector, so 
 costs no more than a small one. ``max_live_traces`` / ``max_live_spans`` (held spans: those kept
 plus the triggers of open runs) bound the rest: past either after an observe, the oldest live
 traces (by first seen) are dropped until under budget, each of their open runs failing with
-reason ``evicted``; ``evicted_traces`` counts them. A trace is live while it holds a run or a
-span, until it has been idle for ``idle`` and has no run with a pending deadline.
+reason ``evicted`` (``missing``: its unmet expectations, possibly none for a run waiting out an
+upper bound); ``evicted_traces`` counts them. A trace is live while it holds a run or a span,
+until it has been idle for ``idle`` and has no run with a pending deadline; a trace that holds
+only outcome spans (no run yet) is kept until it has been idle for the longest ``within`` of
+any rule (at least ``idle``), since its trigger may be a long root span exported last. Spans
+and links held for ``correlate`` are bounded in time (above), not by ``max_live_spans``.
 """
 
 from __future__ import annotations
@@ -70,7 +77,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 
-from outcomewatch.analyzer.correlate import Correlation
+from outcomewatch.analyzer.correlate import Correlation, link_targets
 from outcomewatch.analyzer.late import LateOutcomes
 from outcomewatch.analyzer.runs import (
     NO_INTEREST,
@@ -85,6 +92,7 @@ from outcomewatch.analyzer.runs import (
     correlation_key,
     group_values,
     interest_in,
+    reload_rules,
     run_id_for,
 )
 from outcomewatch.analyzer.schedule import ScheduleWatch
@@ -106,11 +114,6 @@ _INTEREST_MEMORY = 65_536  # distinct span names cached; past it the cache start
 __all__ = ["Engine", "run_id_for"]
 
 
-def _link_targets(batch: SpanBatch, i: int) -> list[str]:
-    """The trace ids span ``i`` links to, read without decoding its attributes."""
-    return [link.trace_id.hex() for link in batch._pb_spans[i].links]
-
-
 class Engine:
     def __init__(
         self,
@@ -127,9 +130,11 @@ class Engine:
         self._max_traces = max_live_traces
         self._max_spans = max_live_spans
         self._rules = compile_rules(rules)
+        self._retired: tuple[CompiledRule, ...] = ()  # replaced, with runs still open
         self._interest: dict[str, Interest] = {}
-        within = [r.rule.within for r in self._rules if r.correlated and r.rule.within]
-        self._correlation = Correlation(max(within)) if within else None
+        self._correlation: Correlation | None = None
+        self._correlate_for_rules()
+        self._hold_for_rules()
         self._late = LateOutcomes()
         self._schedules = ScheduleWatch(rules.rules, schedule_since, clock())
         self._live: dict[str, LiveTrace] = {}  # in the order first seen
@@ -140,6 +145,31 @@ class Engine:
         self._open = 0
         self._held = 0
         self.evicted_traces = 0
+
+    def load_rules(self, rules: RuleSet) -> None:
+        """Replace the rules (hot reload). New spans are judged by the new rules. A rule whose
+        definition did not change keeps its state (open runs, held spans, schedule progress); a
+        run opened under a changed or removed rule is decided by the definition it opened with
+        (that definition keeps receiving outcomes until its last run is decided)."""
+        self._rules, self._retired = reload_rules(self._rules, self._retired, rules)
+        self._interest.clear()
+        self._correlate_for_rules()
+        self._hold_for_rules()
+        self._schedules.reload(rules.rules, self._clock())
+
+    def _hold_for_rules(self) -> None:
+        within = [r.rule.within for r in (*self._rules, *self._retired) if r.rule.within]
+        self._hold = max([self._idle, *within])
+
+    def _correlate_for_rules(self) -> None:
+        within = [r.rule.within for r in (*self._rules, *self._retired)
+                  if r.correlated and r.rule.within]
+        if not within:
+            self._correlation = None
+        elif self._correlation is None:
+            self._correlation = Correlation(max(within))
+        else:
+            self._correlation.horizon = max(within)
 
     @property
     def live_traces(self) -> int:
@@ -185,7 +215,7 @@ class Engine:
             interest = interest_of(name) or self._interest_in(name)
             if interest is NO_INTEREST:
                 if links and batch._pb_spans[i].links:
-                    self._link(batch.trace_id[i], _link_targets(batch, i), now, events)
+                    self._link(batch.trace_id[i], link_targets(batch, i), now, events)
                 continue
             self._observe_span(batch.decode(i), interest, batch.received_ns, now, events)
         self._enforce_budget(now, events)
@@ -213,7 +243,7 @@ class Engine:
     def _interest_in(self, name: str) -> Interest:
         if len(self._interest) >= _INTEREST_MEMORY:
             self._interest.clear()
-        interest = self._interest[name] = interest_in(self._rules, name)
+        interest = self._interest[name] = interest_in(self._rules, name, self._retired)
         return interest
 
     def _observe_span(
@@ -294,6 +324,7 @@ class Engine:
         live.held += 1
         self._held += 1
         self._open += 1
+        rule.open += 1
         events.append(RunOpened(run_id, rule.name, trigger.trace_id, trigger.span_id, now,
                                 deadline))
         for expect in rule.expects:
@@ -320,7 +351,7 @@ class Engine:
         if live is None or run.run_id not in live.runs or not run.offer(expect, span):
             return  # closed meanwhile
         if not run.wants(expect):
-            _unwait(live, expect, run.run_id)
+            live.unwait(expect, run.run_id)
         self._settle(run, None, now, events)
 
     def _settle(
@@ -338,8 +369,9 @@ class Engine:
         live.held -= 1
         self._held -= 1
         self._open -= 1
+        run.rule.open -= 1
         for expect in run.rule.expects:
-            _unwait(live, expect, run.run_id)
+            live.unwait(expect, run.run_id)
         if self._correlation is not None and run.rule.correlated:
             self._correlation.unregister(run)
         self._remember_closed(run.run_id)
@@ -402,8 +434,20 @@ class Engine:
             if pending:
                 self._schedule(live, min(pending))
             elif not live.runs:
-                self._drop(trace_id)
+                # Only held outcome spans are left. A long-running trigger (a root span, say a
+                # 20-minute backup.run) is exported when it ends, long after its children: hold
+                # them as long as some rule's `within` lets an outcome wait for its trigger.
+                hold_due = live.last_seen + self._hold
+                if hold_due > now and live.held:
+                    self._schedule(live, hold_due)
+                else:
+                    self._drop(trace_id)
         events.extend(self._schedules.due(now))
+        if any(not r.open for r in self._retired):
+            self._retired = tuple(r for r in self._retired if r.open)
+            self._interest.clear()
+            self._correlate_for_rules()
+            self._hold_for_rules()
         return events
 
     def _drop(self, trace_id: str) -> None:
@@ -421,11 +465,3 @@ class Engine:
                 self._close(run, FailureReason.EVICTED, now, events)
             self._drop(trace_id)
             self.evicted_traces += 1
-
-
-def _unwait(live: LiveTrace, expect: Expect, run_id: str) -> None:
-    waiting = live.waiting.get(expect)
-    if waiting is not None:
-        waiting.pop(run_id, None)
-        if not waiting:
-            del live.waiting[expect]

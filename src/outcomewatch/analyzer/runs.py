@@ -11,7 +11,7 @@ import hashlib
 import heapq
 import json
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Literal
 
@@ -68,11 +68,11 @@ class Forbid:
 @dataclass(eq=False, slots=True)
 class CompiledRule:
     rule: Rule
-    index: int
     expects: tuple[Expect, ...] = ()
     forbids: tuple[Forbid, ...] = ()
     bounded: bool = False  # some expectation has an upper count bound: no pass before the wait
     max_duration_ns: int | None = None
+    open: int = 0  # open runs: a replaced rule is kept for them until they are decided
 
     @property
     def name(self) -> str:
@@ -85,8 +85,8 @@ class CompiledRule:
 
 def compile_rules(rules: RuleSet) -> tuple[CompiledRule, ...]:
     compiled: list[CompiledRule] = []
-    for index, rule in enumerate(rules.rules):
-        c = CompiledRule(rule, index)
+    for rule in rules.rules:
+        c = CompiledRule(rule)
         expects = []
         for j, selector in enumerate(rule.expect):
             count = selector.count
@@ -103,6 +103,24 @@ def compile_rules(rules: RuleSet) -> tuple[CompiledRule, ...]:
     return tuple(compiled)
 
 
+def reload_rules(
+    current: tuple[CompiledRule, ...], retired: tuple[CompiledRule, ...], rules: RuleSet
+) -> tuple[tuple[CompiledRule, ...], tuple[CompiledRule, ...]]:
+    """The compiled ``rules`` (an unchanged rule keeps its compiled object, so its state), and
+    the replaced rules that still have open runs."""
+    previous = {r.name: r for r in current}
+    compiled = []
+    for new in compile_rules(rules):
+        old = previous.get(new.name)
+        if old is not None and same_definition(old.rule, new.rule):
+            old.rule = new.rule
+            new = old
+        compiled.append(new)
+    kept = {id(r) for r in compiled}
+    still_open = tuple(r for r in (*retired, *current) if id(r) not in kept and r.open)
+    return tuple(compiled), still_open
+
+
 @dataclass(frozen=True, slots=True)
 class Interest:
     """What a span of a given name may be: a trigger of some rules, an expected or a forbidden
@@ -116,12 +134,22 @@ class Interest:
 NO_INTEREST = Interest((), (), ())
 
 
-def interest_in(rules: tuple[CompiledRule, ...], name: str) -> Interest:
+def same_definition(a: Rule, b: Rule) -> bool:
+    """Whether two rules judge runs alike (whatever their file, line, owner or wording)."""
+    return replace(a, source=b.source, line=b.line, description=b.description, owner=b.owner,
+                   route=b.route, severity=b.severity, evidence=b.evidence) == b
+
+
+def interest_in(
+    rules: tuple[CompiledRule, ...], name: str, retired: tuple[CompiledRule, ...] = ()
+) -> Interest:
+    """``retired``: rules replaced by a reload that still have open runs (outcomes only)."""
     triggers = tuple(r for r in rules if r.rule.trigger.matches_name(name))
+    both = (*rules, *retired)
     expects = tuple(
-        e for r in rules for e in r.expects if e.cap and e.selector.matches_name(name)
+        e for r in both for e in r.expects if e.cap and e.selector.matches_name(name)
     )
-    forbids = tuple(f for r in rules for f in r.forbids if f.selector.matches_name(name))
+    forbids = tuple(f for r in both for f in r.forbids if f.selector.matches_name(name))
     if not (triggers or expects or forbids):
         return NO_INTEREST
     return Interest(triggers, expects, forbids)
@@ -283,3 +311,10 @@ class LiveTrace:
         added = kept.add(span)
         self.held += added
         return added
+
+    def unwait(self, expect: Expect, run_id: str) -> None:
+        waiting = self.waiting.get(expect)
+        if waiting is not None:
+            waiting.pop(run_id, None)
+            if not waiting:
+                del self.waiting[expect]

@@ -71,6 +71,21 @@ class ScheduleWatch:
                 rule, rule.schedule, start, next_slot(rule.schedule, start)
             )
 
+    def reload(self, rules: Iterable[Rule], now: datetime) -> None:
+        """New rules: an unchanged schedule keeps its progress; a new or changed one starts
+        from ``now``; a removed one is forgotten."""
+        watches: dict[str, _Watch] = {}
+        for rule in rules:
+            if rule.schedule is None:
+                continue
+            watch = self._watches.get(rule.name)
+            if watch is not None and watch.schedule == rule.schedule:
+                watch.rule = rule
+            else:
+                watch = _Watch(rule, rule.schedule, now, next_slot(rule.schedule, now))
+            watches[rule.name] = watch
+        self._watches = watches
+
     def __bool__(self) -> bool:
         return bool(self._watches)
 

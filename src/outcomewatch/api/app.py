@@ -14,6 +14,8 @@ from outcomewatch.api.deps import IncidentActions
 from outcomewatch.api.routes import actions as actions_routes
 from outcomewatch.api.routes import health, v1
 from outcomewatch.api.routes import metrics as metrics_routes
+from outcomewatch.api.routes import rules as rules_routes
+from outcomewatch.api.routes.rules import RulesAdmin
 from outcomewatch.errors import StoreError
 from outcomewatch.store.queries import InvalidCursor, Reader
 
@@ -38,6 +40,7 @@ TAGS = [
     {"name": "notifications", "description": "The outbox: one row per transition and target."},
     {"name": "traces", "description": "Stored spans, decoded."},
     {"name": "metrics", "description": "Prometheus metrics."},
+    {"name": "rules", "description": "The loaded rules, their run statistics, reloading."},
 ]
 
 
@@ -64,6 +67,7 @@ def create_app(
     ready: Callable[[], bool] = _always_ready,
     title: str = "outcomewatch",
     actions: IncidentActions | None = None,
+    rules: RulesAdmin | None = None,
     api_token: str | None = None,
     read_token: str | None = None,
     metrics: Callable[[], bytes] | None = None,
@@ -80,6 +84,7 @@ def create_app(
     app.state.reader = reader
     app.state.ready = ready
     app.state.actions = actions
+    app.state.rules_admin = rules
     app.state.metrics = metrics
     app.state.tokens = Tokens(api=api_token, read=read_token)
     app.add_exception_handler(InvalidCursor, _invalid_cursor)
@@ -90,4 +95,8 @@ def create_app(
     app.include_router(actions_routes.router, prefix="/api/v1",
                        dependencies=[Depends(require_write)], responses=AUTH_RESPONSES)
     app.include_router(metrics_routes.router, dependencies=reads, responses=AUTH_RESPONSES)
+    app.include_router(rules_routes.read_router, prefix="/api/v1", dependencies=reads,
+                       responses=AUTH_RESPONSES)
+    app.include_router(rules_routes.write_router, prefix="/api/v1",
+                       dependencies=[Depends(require_write)], responses=AUTH_RESPONSES)
     return app

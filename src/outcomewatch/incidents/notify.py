@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Protocol
@@ -89,7 +90,10 @@ class Notifier:
         backoff_max: timedelta = timedelta(minutes=5),
         batch_size: int = DEFAULT_BATCH_SIZE,
         concurrency: int = DEFAULT_CONCURRENCY,
+        on_attempt: Callable[[str, bool], None] | None = None,
     ) -> None:
+        """``on_attempt(target, delivered)`` is called after every delivery attempt (metrics)."""
+        self._on_attempt = on_attempt or (lambda target, delivered: None)
         self._store = store
         self._config = config
         self._clock = clock
@@ -164,6 +168,7 @@ class Notifier:
                 if await asyncio.to_thread(self._store.pending_before, row.incident_id, row.id):
                     break  # an earlier row is unsent: this one and the later ones wait for it
                 error = await self._attempt(row)
+                self._on_attempt(row.target, error is None)
                 at = self._clock()
                 if error is None:
                     await self._store.mark_notification(

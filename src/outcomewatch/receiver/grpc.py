@@ -146,6 +146,7 @@ async def start_grpc_receiver(
     limits: Limits,
     clock_ns: Callable[[], int] = time.time_ns,
     token: str | None = None,
+    tls: tuple[bytes, bytes] | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Start an OTLP/gRPC trace receiver on the running asyncio loop.
 
@@ -177,7 +178,10 @@ async def start_grpc_receiver(
     server.add_generic_rpc_handlers((handler,))
     address = _address(host, port)
     try:
-        bound_port = server.add_insecure_port(address)
+        if tls is None:
+            bound_port = server.add_insecure_port(address)
+        else:  # (private key PEM, certificate chain PEM)
+            bound_port = server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
     except RuntimeError as exc:  # what grpc raises when the bind fails
         await server.stop(None)
         raise OSError(f"cannot bind the OTLP/gRPC receiver to {address}: {exc}") from exc

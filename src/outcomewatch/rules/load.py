@@ -49,12 +49,19 @@ RULE_SUFFIXES = (".yaml", ".yml")
 RULE_KEYS = keys_at(("rules", 0))
 
 
+def is_rule_test_file(path: Path) -> bool:
+    """``*.test.yaml`` / ``*.test.yml``: an ``outcomewatch test`` file, kept beside the rules it
+    tests (as promtool users keep theirs) and so skipped when a directory is loaded as rules."""
+    return path.name.endswith((".test.yaml", ".test.yml"))
+
+
 def rule_files(paths: Sequence[str | Path]) -> list[Path]:
     """The rule files named by ``paths``, without repeats, in the order given.
 
     A file is taken as is, whatever its suffix; a directory stands for every ``*.yaml`` and
-    ``*.yml`` file below it (recursively), sorted. Raises RuleError listing each path that does
-    not exist and each directory without a rule file.
+    ``*.yml`` file below it (recursively), sorted, except rule test files (``*.test.yaml``).
+    Raises RuleError listing each path that does not exist and each directory without a rule
+    file.
     """
     files, problems = _expand(paths)
     if problems:
@@ -101,7 +108,8 @@ def _expand(paths: Sequence[str | Path]) -> tuple[list[Path], list[Problem]]:
     for given in paths:
         path = Path(given)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix in RULE_SUFFIXES and p.is_file())
+            found = sorted(p for p in path.rglob("*") if p.suffix in RULE_SUFFIXES
+                           and p.is_file() and not is_rule_test_file(p))
             if not found:
                 problems.append(Problem(str(path), 1, "no rule files (*.yaml, *.yml) in directory"))
         elif path.exists():

@@ -13,6 +13,7 @@ verdict given twice (a restart, a re-sent trigger) is stored once and counted in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -100,6 +101,9 @@ class Store:
             self.conn.execute(DDL)
             if self.conn.execute("SELECT count(*) FROM schema_version").fetchone() == (0,):
                 self.conn.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
+            # DuckDB replays its WAL at open but does not checkpoint it: with frequent restarts
+            # the WAL would only grow, and every start would replay more of it.
+            self.conn.execute("CHECKPOINT")
         except duckdb.Error as exc:
             raise StoreError(f"cannot open database {path}: {exc}") from exc
         self._max_queue = max_queue
@@ -184,11 +188,20 @@ class Store:
         return result
 
     def close(self) -> None:
-        """Finish queued work, checkpoint, and close the file."""
+        """Finish queued work, checkpoint, and close the file.
+
+        A reader thread may still be finishing a query (a cancelled task does not stop the
+        thread it awaited), and DuckDB refuses to close a busy connection: retry briefly."""
         self._queue.put(None)
         self._thread.join()
         self._checkpoint()
         self._writer.close()
+        for _ in range(100):
+            try:
+                self.conn.close()
+                return
+            except duckdb.Error:
+                time.sleep(0.05)
         self.conn.close()
 
     # -- the writer thread ----------------------------------------------------------------
@@ -256,7 +269,10 @@ class Store:
             results = [j.work(db) if j.work is not None else None for j in jobs]
             db.commit()
         except BaseException:
-            db.rollback()
+            # A failed COMMIT has already ended the transaction: rolling back again would raise
+            # "no transaction is active" and hide the real error (a full disk, say).
+            with contextlib.suppress(duckdb.Error):
+                db.rollback()
             raise
         self._on_commit(time.perf_counter() - started)
         return results
@@ -342,6 +358,15 @@ class Store:
 
     # -- reads the analyzer needs ---------------------------------------------------------
 
+    def last_received_ns(self) -> int | None:
+        """When the newest stored span was received (None for an empty database)."""
+        cursor = self.conn.cursor()
+        try:
+            row = cursor.execute("SELECT max(received_ns) FROM spans").fetchone()
+        finally:
+            cursor.close()
+        return None if row is None or row[0] is None else int(row[0])
+
     def recovery_spans(self, since_ns: int) -> list[tuple[bytes, bytes, str, int]]:
         """What a restart must observe again: every span of a trace with an open run, and
         every span received since ``since_ns`` (traces that may not have gone idle yet), as
@@ -412,6 +437,28 @@ class Store:
                 "UPDATE outbox SET status = 'failed', attempts = attempts + 1, last_error = ?, "
                 "next_attempt_at = ? WHERE id = ? AND status <> 'sent'",
                 [error, next_attempt_at or at, row_id]))
+
+    def schedule_progress(self) -> dict[str, datetime]:
+        """Per scheduled rule, the time up to which its slots have been judged."""
+        cursor = self.conn.cursor()
+        try:
+            rows = cursor.execute(
+                "SELECT rule, epoch_us(judged_until) FROM schedule_state").fetchall()
+        finally:
+            cursor.close()
+        return {str(r[0]): datetime.fromtimestamp(r[1] / 1e6, UTC) for r in rows}
+
+    def save_schedule_progress(self, progress: dict[str, datetime]) -> None:
+        """Queue the progress; call it only once the failures of the slots it covers are
+        queued, so that the writer's FIFO order stores them first."""
+        def save(db: duckdb.DuckDBPyConnection) -> None:
+            for rule, judged_until in progress.items():
+                db.execute(
+                    "INSERT INTO schedule_state VALUES (?, ?) ON CONFLICT (rule) "
+                    "DO UPDATE SET judged_until = excluded.judged_until", [rule, judged_until])
+
+        if progress:
+            self.submit(save)
 
     def open_incident_counts(self) -> list[tuple[str, str, int]]:
         """(rule, severity, count) of incidents open or acknowledged."""

@@ -353,6 +353,17 @@ class Reader:
                   for at, kind, actor, comment in timeline),
         )
 
+    def rule_stats(self) -> dict[str, tuple[int, int, int, float | None, float | None]]:
+        """Per rule: runs passed, failed, open, and the p50 / p95 seconds from a run's opening
+        to its passing verdict."""
+        (rows,) = self._fetch((
+            "SELECT rule, count(*) FILTER (status = 'passed'), count(*) FILTER "
+            "(status = 'failed'), count(*) FILTER (status = 'open'), "
+            "quantile_cont(epoch(closed_at - opened_at), 0.5) FILTER (status = 'passed'), "
+            "quantile_cont(epoch(closed_at - opened_at), 0.95) FILTER (status = 'passed') "
+            "FROM runs GROUP BY rule", []))
+        return {str(r[0]): (int(r[1]), int(r[2]), int(r[3]), r[4], r[5]) for r in rows}
+
     def get_trace(self, trace_id: str) -> list[Span] | None:
         """Every span of the trace once, ordered by start time (ties by span_id), or None when
         no span of it is stored.

@@ -85,6 +85,13 @@ CREATE TABLE IF NOT EXISTS incident_events (
     comment VARCHAR
 );
 
+-- Scheduled rules: the time up to which slots have been judged, so a restart neither forgets
+-- nor double-counts a missed slot.
+CREATE TABLE IF NOT EXISTS schedule_state (
+    rule VARCHAR PRIMARY KEY,
+    judged_until TIMESTAMPTZ NOT NULL
+);
+
 -- Flap control: consecutive verdicts per rule and group.
 CREATE TABLE IF NOT EXISTS rule_state (
     rule VARCHAR NOT NULL,
