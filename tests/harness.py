@@ -129,6 +129,7 @@ def running_server(
         trace_idle=trace_idle,
         tick=timedelta(milliseconds=20),
         notify_interval=timedelta(milliseconds=20),
+        rules_poll=timedelta(milliseconds=50),
         config=str(config) if config else None,
         api_token=api_token,
     )

@@ -15,25 +15,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import duckdb
 import pyarrow as pa
 
 from outcomewatch.errors import Overloaded, StoreError
-from outcomewatch.model import LateOutcome, OutboxRow, RunFailed, RunOpened, RunPassed
+from outcomewatch.model import LateOutcome, RunFailed, RunOpened, RunPassed
 from outcomewatch.otlp import SpanBatch
 from outcomewatch.store import incidents
 from outcomewatch.store.incidents import IncidentFacts
 from outcomewatch.store.schema import DDL, SCHEMA_VERSION
+from outcomewatch.store.server_reads import ServerReads
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +86,9 @@ class PassStreak:
     targets: tuple[str, ...]
 
 
-class Store:
-    """Owns the database file: schema, the writer thread, and the connection readers cursor from."""
+class Store(ServerReads):
+    """Owns the database file: schema, the writer thread, and the connection readers cursor from.
+    The reads the server itself needs (recovery, evidence, the outbox) are in ServerReads."""
 
     def __init__(
         self, path: str, *, max_queue: int = 1024,
@@ -356,71 +357,7 @@ class Store:
         finally:
             self._writer.unregister("incoming_runs")
 
-    # -- reads the analyzer needs ---------------------------------------------------------
-
-    def last_received_ns(self) -> int | None:
-        """When the newest stored span was received (None for an empty database)."""
-        cursor = self.conn.cursor()
-        try:
-            row = cursor.execute("SELECT max(received_ns) FROM spans").fetchone()
-        finally:
-            cursor.close()
-        return None if row is None or row[0] is None else int(row[0])
-
-    def recovery_spans(self, since_ns: int) -> list[tuple[bytes, bytes, str, int]]:
-        """What a restart must observe again: every span of a trace with an open run, and
-        every span received since ``since_ns`` (traces that may not have gone idle yet), as
-        (span, resource, scope, received_ns) in the order received."""
-        cursor = self.conn.cursor()
-        try:
-            rows = cursor.execute(
-                "SELECT s.span, r.resource, s.scope, s.received_ns FROM spans s "
-                "JOIN resources r ON r.id = s.resource_id WHERE s.received_ns >= ? "
-                "OR s.trace_id IN (SELECT trace_id FROM runs WHERE status = 'open') "
-                "ORDER BY s.received_ns",
-                [since_ns],
-            ).fetchall()
-        finally:
-            cursor.close()
-        return [(bytes(r[0]), bytes(r[1]), str(r[2]), int(r[3])) for r in rows]
-
     # -- the notification outbox (see incidents/notify.py) --------------------------------
-
-    def due_notifications(self, now: datetime, limit: int) -> list[OutboxRow]:
-        """Rows pending or failed whose next attempt is due, oldest first; a row behind an
-        unsent earlier row of its incident and target is left out (it would only wait)."""
-        cursor = self.conn.cursor()
-        try:
-            rows = cursor.execute(
-                "SELECT id, incident_id, transition, target, route, payload, attempts, "
-                "epoch_us(created_at) FROM outbox o WHERE status IN ('pending', 'failed') "
-                "AND next_attempt_at <= ? AND NOT EXISTS (SELECT 1 FROM outbox e "
-                "WHERE e.incident_id = o.incident_id AND e.target = o.target AND e.id < o.id "
-                "AND e.status <> 'sent') ORDER BY id LIMIT ?",
-                [now, limit],
-            ).fetchall()
-        finally:
-            cursor.close()
-        return [
-            OutboxRow(int(r[0]), int(r[1]), str(r[2]), str(r[3]), str(r[4]), json.loads(r[5]),
-                      int(r[6]), datetime.fromtimestamp(r[7] / 1e6, UTC))
-            for r in rows
-        ]
-
-    def pending_before(self, incident_id: int, row_id: int) -> bool:
-        """Whether an earlier notification of the same incident and target is still unsent:
-        then this one waits, so a 'resolved' never overtakes its 'opened'."""
-        cursor = self.conn.cursor()
-        try:
-            row = cursor.execute(
-                "SELECT count(*) FROM outbox o JOIN outbox this ON this.id = ? "
-                "WHERE o.incident_id = ? AND o.target = this.target AND o.id < ? "
-                "AND o.status <> 'sent'",
-                [row_id, incident_id, row_id],
-            ).fetchone()
-        finally:
-            cursor.close()
-        return row is not None and int(row[0]) > 0
 
     async def mark_notification(
         self, row_id: int, *, sent: bool, at: datetime, error: str | None,
@@ -438,16 +375,6 @@ class Store:
                 "next_attempt_at = ? WHERE id = ? AND status <> 'sent'",
                 [error, next_attempt_at or at, row_id]))
 
-    def schedule_progress(self) -> dict[str, datetime]:
-        """Per scheduled rule, the time up to which its slots have been judged."""
-        cursor = self.conn.cursor()
-        try:
-            rows = cursor.execute(
-                "SELECT rule, epoch_us(judged_until) FROM schedule_state").fetchall()
-        finally:
-            cursor.close()
-        return {str(r[0]): datetime.fromtimestamp(r[1] / 1e6, UTC) for r in rows}
-
     def save_schedule_progress(self, progress: dict[str, datetime]) -> None:
         """Queue the progress; call it only once the failures of the slots it covers are
         queued, so that the writer's FIFO order stores them first."""
@@ -459,51 +386,6 @@ class Store:
 
         if progress:
             self.submit(save)
-
-    def open_incident_counts(self) -> list[tuple[str, str, int]]:
-        """(rule, severity, count) of incidents open or acknowledged."""
-        cursor = self.conn.cursor()
-        try:
-            rows = cursor.execute(
-                "SELECT rule, severity, count(*) FROM incidents "
-                "WHERE status IN ('open', 'acknowledged') GROUP BY ALL ORDER BY ALL"
-            ).fetchall()
-        finally:
-            cursor.close()
-        return [(str(r[0]), str(r[1]), int(r[2])) for r in rows]
-
-    def decided_run_ids(self, trace_ids: Sequence[str]) -> list[str]:
-        """Ids of the runs of these traces that already have a verdict."""
-        cursor = self.conn.cursor()
-        try:
-            rows = cursor.execute(
-                "SELECT id FROM runs WHERE status <> 'open' AND list_contains(?, trace_id)",
-                [list(trace_ids)],
-            ).fetchall()
-        finally:
-            cursor.close()
-        return [str(r[0]) for r in rows]
-
-    def trace_spans_since(self, trace_id: str, since_ns: int) -> list[tuple[bytes, bytes, str]]:
-        """Stored (span, resource, scope) blobs of a trace received at or after ``since_ns``.
-
-        The received_ns bound lets DuckDB skip row groups by their min/max (zone maps): trace
-        ids are random, so without it every lookup would scan the whole table."""
-        cursor = self.conn.cursor()
-        try:
-            rows = cursor.execute(
-                "SELECT s.span, r.resource, s.scope FROM spans s "
-                "JOIN resources r ON r.id = s.resource_id "
-                "WHERE s.received_ns >= ? AND s.trace_id = ? "
-                "QUALIFY row_number() OVER (PARTITION BY s.span_id ORDER BY s.received_ns) = 1 "
-                "ORDER BY s.start_ns",
-                [since_ns, trace_id],
-            ).fetchall()
-        finally:
-            cursor.close()
-        return [(bytes(r[0]), bytes(r[1]), str(r[2])) for r in rows]
-
-
 
 def resource_id(raw_resource: bytes) -> int:
     """A stable 63-bit id for a serialised resource (the same bytes, the same id, any process)."""

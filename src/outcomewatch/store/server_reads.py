@@ -1,0 +1,112 @@
+"""The reads the server itself makes (the API's are in queries.py): what a restart observes
+again, a failed run's trace for its evidence, the notification outbox, schedule progress.
+
+Each read takes its own cursor from the shared connection, so it may run in any thread while
+the writer thread writes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import duckdb
+
+from outcomewatch.model import OutboxRow
+
+
+class ServerReads:
+    conn: duckdb.DuckDBPyConnection
+
+    def _rows(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        cursor = self.conn.cursor()
+        try:
+            return cursor.execute(sql, params).fetchall()
+        finally:
+            cursor.close()
+
+    def last_received_ns(self) -> int | None:
+        """When the newest stored span was received (None for an empty database)."""
+        rows = self._rows("SELECT max(received_ns) FROM spans")
+        row = rows[0] if rows else None
+        return None if row is None or row[0] is None else int(row[0])
+
+    def recovery_spans(self, since_ns: int) -> list[tuple[bytes, bytes, str, int]]:
+        """What a restart must observe again: every span of a trace with an open run, and
+        every span received since ``since_ns`` (traces that may not have gone idle yet), as
+        (span, resource, scope, received_ns) in the order received."""
+        rows = self._rows(
+            "SELECT s.span, r.resource, s.scope, s.received_ns FROM spans s "
+            "JOIN resources r ON r.id = s.resource_id WHERE s.received_ns >= ? "
+            "OR s.trace_id IN (SELECT trace_id FROM runs WHERE status = 'open') "
+            "ORDER BY s.received_ns",
+            [since_ns],
+        )
+        return [(bytes(r[0]), bytes(r[1]), str(r[2]), int(r[3])) for r in rows]
+
+    def due_notifications(self, now: datetime, limit: int) -> list[OutboxRow]:
+        """Rows pending or failed whose next attempt is due, oldest first; a row behind an
+        unsent earlier row of its incident and target is left out (it would only wait)."""
+        rows = self._rows(
+            "SELECT id, incident_id, transition, target, route, payload, attempts, "
+            "epoch_us(created_at) FROM outbox o WHERE status IN ('pending', 'failed') "
+            "AND next_attempt_at <= ? AND NOT EXISTS (SELECT 1 FROM outbox e "
+            "WHERE e.incident_id = o.incident_id AND e.target = o.target AND e.id < o.id "
+            "AND e.status <> 'sent') ORDER BY id LIMIT ?",
+            [now, limit],
+        )
+        return [
+            OutboxRow(int(r[0]), int(r[1]), str(r[2]), str(r[3]), str(r[4]), json.loads(r[5]),
+                      int(r[6]), datetime.fromtimestamp(r[7] / 1e6, UTC))
+            for r in rows
+        ]
+
+    def pending_before(self, incident_id: int, row_id: int) -> bool:
+        """Whether an earlier notification of the same incident and target is still unsent:
+        then this one waits, so a 'resolved' never overtakes its 'opened'."""
+        rows = self._rows(
+            "SELECT count(*) FROM outbox o JOIN outbox this ON this.id = ? "
+            "WHERE o.incident_id = ? AND o.target = this.target AND o.id < ? "
+            "AND o.status <> 'sent'",
+            [row_id, incident_id, row_id],
+        )
+        row = rows[0] if rows else None
+        return row is not None and int(row[0]) > 0
+
+    def schedule_progress(self) -> dict[str, datetime]:
+        """Per scheduled rule, the time up to which its slots have been judged."""
+        rows = self._rows("SELECT rule, epoch_us(judged_until) FROM schedule_state")
+        return {str(r[0]): datetime.fromtimestamp(r[1] / 1e6, UTC) for r in rows}
+
+    def open_incident_counts(self) -> list[tuple[str, str, int]]:
+        """(rule, severity, count) of incidents open or acknowledged."""
+        rows = self._rows(
+            "SELECT rule, severity, count(*) FROM incidents "
+            "WHERE status IN ('open', 'acknowledged') GROUP BY ALL ORDER BY ALL"
+        )
+        return [(str(r[0]), str(r[1]), int(r[2])) for r in rows]
+
+    def decided_run_ids(self, trace_ids: Sequence[str]) -> list[str]:
+        """Ids of the runs of these traces that already have a verdict."""
+        rows = self._rows(
+            "SELECT id FROM runs WHERE status <> 'open' AND list_contains(?, trace_id)",
+            [list(trace_ids)],
+        )
+        return [str(r[0]) for r in rows]
+
+    def trace_spans_since(self, trace_id: str, since_ns: int) -> list[tuple[bytes, bytes, str]]:
+        """Stored (span, resource, scope) blobs of a trace received at or after ``since_ns``.
+
+        The received_ns bound lets DuckDB skip row groups by their min/max (zone maps): trace
+        ids are random, so without it every lookup would scan the whole table."""
+        rows = self._rows(
+            "SELECT s.span, r.resource, s.scope FROM spans s "
+            "JOIN resources r ON r.id = s.resource_id "
+            "WHERE s.received_ns >= ? AND s.trace_id = ? "
+            "QUALIFY row_number() OVER (PARTITION BY s.span_id ORDER BY s.received_ns) = 1 "
+            "ORDER BY s.start_ns",
+            [since_ns, trace_id],
+        )
+        return [(bytes(r[0]), bytes(r[1]), str(r[2])) for r in rows]
