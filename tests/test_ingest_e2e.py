@@ -128,6 +128,8 @@ def test_malformed_protobuf_over_grpc_is_invalid_argument_and_the_server_keeps_s
 
     trace_id = webhook_trace(server, event_type="invoice.payment_failed")
     assert wait_for_run(server, trace_id)[0]["rule"] == RULE
+    metrics = server.api.get("/metrics").text.splitlines()
+    assert 'outcomewatch_requests_refused_total{reason="invalid",transport="grpc"} 1.0' in metrics
 
 
 def test_malformed_protobuf_over_http_is_400_and_the_server_keeps_serving(server):
@@ -137,3 +139,5 @@ def test_malformed_protobuf_over_http_is_400_and_the_server_keeps_serving(server
 
     trace_id = webhook_trace(server, event_type="invoice.payment_failed", transport="http")
     assert wait_for_run(server, trace_id)[0]["rule"] == RULE
+    metrics = server.api.get("/metrics").text.splitlines()
+    assert 'outcomewatch_requests_refused_total{reason="invalid",transport="http"} 1.0' in metrics

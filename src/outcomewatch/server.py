@@ -153,9 +153,11 @@ class Server:
         self._grpc, self.grpc_port = await start_grpc_receiver(
             self._ingest_from("grpc"), host=self.settings.grpc.host, port=self.settings.grpc.port,
             limits=self.settings.limits, token=self.settings.otlp_token, tls=self._tls_pair(),
+            on_refused=self._refused_on("grpc"),
         )
         http_app = create_http_receiver(self._ingest_from("http"), limits=self.settings.limits,
-                                        token=self.settings.otlp_token)
+                                        token=self.settings.otlp_token,
+                                        on_refused=self._refused_on("http"))
         api_app = create_app(
             Reader(self.store.conn), ready=lambda: self._ready and self.store is not None
             and self.store.healthy, actions=self._act, api_token=self.settings.api_token,
@@ -359,6 +361,12 @@ class Server:
             await self.stop()
 
     # -- the pipeline ---------------------------------------------------------------------
+
+    def _refused_on(self, transport: str) -> Callable[[str], None]:
+        def refused(reason: str) -> None:
+            self.metrics.requests_refused.labels(transport, reason).inc()
+
+        return refused
 
     def _ingest_from(self, transport: str) -> Callable[[SpanBatch], Awaitable[None]]:
         received = self.metrics.spans_received.labels(transport)

@@ -69,10 +69,20 @@ def _retry_trailers(message: str, delay_s: int) -> tuple[tuple[str, bytes], ...]
     )
 
 
+# What a refused request is counted as (outcomewatch_requests_refused_total{reason}).
+_REASONS = {
+    grpc.StatusCode.INVALID_ARGUMENT: "invalid",
+    grpc.StatusCode.UNAVAILABLE: "unavailable",
+    grpc.StatusCode.INTERNAL: "internal",
+}
+
+
 class _TraceService:
     def __init__(
-        self, sink: Sink, clock_ns: Callable[[], int], limits: Limits, token: str | None
+        self, sink: Sink, clock_ns: Callable[[], int], limits: Limits, token: str | None,
+        on_refused: Callable[[str], None],
     ) -> None:
+        self._on_refused = on_refused
         self._sink = sink
         self._clock_ns = clock_ns
         self._limits = limits
@@ -82,6 +92,7 @@ class _TraceService:
         self, request: bytes, context: grpc.aio.ServicerContext
     ) -> ExportTraceServiceResponse:
         if self._token is not None and not _authorized(context, self._token):
+            self._on_refused("unauthenticated")
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "missing or wrong bearer token: send the metadata 'authorization: Bearer <token>'",
@@ -90,6 +101,7 @@ class _TraceService:
         # exception context.abort() raises is never swallowed by the catch-all there.
         result = await self._accept(request)
         if isinstance(result, _Refusal):
+            self._on_refused(_REASONS.get(result.code, "internal"))
             await context.abort(result.code, result.message, result.trailers)
             raise AssertionError("unreachable: context.abort() raises")
         return result
@@ -147,6 +159,7 @@ async def start_grpc_receiver(
     clock_ns: Callable[[], int] = time.time_ns,
     token: str | None = None,
     tls: tuple[bytes, bytes] | None = None,
+    on_refused: Callable[[str], None] = lambda reason: None,
 ) -> tuple[grpc.aio.Server, int]:
     """Start an OTLP/gRPC trace receiver on the running asyncio loop.
 
@@ -164,7 +177,7 @@ async def start_grpc_receiver(
             ("grpc.so_reuseport", 0),
         ]
     )
-    service = _TraceService(sink, clock_ns, limits, token)
+    service = _TraceService(sink, clock_ns, limits, token, on_refused)
     handler = grpc.method_handlers_generic_handler(
         SERVICE,
         {

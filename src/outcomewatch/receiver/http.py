@@ -137,6 +137,7 @@ def create_http_receiver(
     limits: Limits,
     clock_ns: Callable[[], int] = time.time_ns,
     token: str | None = None,
+    on_refused: Callable[[str], None] = lambda reason: None,
 ) -> Starlette:
     """An ASGI app serving OTLP/HTTP ``POST /v1/traces``; every other path is a 404.
 
@@ -152,8 +153,10 @@ def create_http_receiver(
         content_type = request.headers.get("content-type", "")
         fmt = _FORMATS.get(content_type.partition(";")[0].strip().lower())
         if token is not None and not authorized(request.headers.get("authorization"), token):
+            on_refused("unauthenticated")
             return _unauthenticated(request, fmt)
         if fmt is None:
+            on_refused("invalid")
             # No Status body: there is no encoding this client is known to read.
             return PlainTextResponse(
                 f"unsupported Content-Type {content_type!r}: send one of {', '.join(_FORMATS)}",
@@ -161,6 +164,7 @@ def create_http_receiver(
             )
         encoding = request.headers.get("content-encoding", "").strip().lower()
         if encoding not in _IDENTITY and encoding not in WBITS:
+            on_refused("invalid")
             return fmt.error(
                 415,
                 _INVALID_ARGUMENT,
@@ -174,10 +178,13 @@ def create_http_receiver(
             if len(batch):
                 await sink(batch)
         except PayloadTooLarge as exc:
+            on_refused("too_large")
             return fmt.error(413, _RESOURCE_EXHAUSTED, short_message(exc))
         except InvalidPayload as exc:
+            on_refused("invalid")
             return fmt.error(400, _INVALID_ARGUMENT, short_message(exc))
         except (Overloaded, StoreError) as exc:
+            on_refused("unavailable")
             return fmt.error(
                 503,
                 _UNAVAILABLE,
@@ -190,6 +197,7 @@ def create_http_receiver(
         except Exception as exc:
             # A bug in a sink or in decoding must cost one request and say so in the log.
             logger.exception("unexpected error while accepting an OTLP/HTTP export")
+            on_refused("internal")
             return fmt.error(
                 500,
                 _INTERNAL,
