@@ -4,8 +4,11 @@ Reader (and its duckdb connection), the incident actions and the metrics, and pa
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from outcomewatch import __version__
@@ -16,6 +19,7 @@ from outcomewatch.api.routes import health, v1
 from outcomewatch.api.routes import metrics as metrics_routes
 from outcomewatch.api.routes import rules as rules_routes
 from outcomewatch.api.routes.rules import RulesAdmin
+from outcomewatch.api.schemas import ErrorOut
 from outcomewatch.errors import StoreError
 from outcomewatch.store.queries import InvalidCursor, Reader
 
@@ -61,6 +65,34 @@ async def _store_failed(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422 body, but safe to encode: the errors echo the input, and a JSON body may
+    hold a lone surrogate (``"\\ud800"`` is valid JSON) that UTF-8 cannot encode, which made the
+    default handler fail with a 500 while rendering the 422."""
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse(
+        {"detail": _encodable(jsonable_encoder(exc.errors()))},
+        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+    )
+
+
+def _encodable(value: Any) -> Any:
+    """``value`` with every string made UTF-8 encodable (a lone surrogate becomes ``\\udXXX``)."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, list):
+        return [_encodable(item) for item in value]
+    if isinstance(value, dict):
+        return {_encodable(key): _encodable(item) for key, item in value.items()}
+    return value
+
+
+# Any read can meet a failing store (the StoreError handler above).
+STORE_UNAVAILABLE: dict[int | str, dict[str, Any]] = {
+    503: {"model": ErrorOut, "description": "The store is unavailable; retry after Retry-After."},
+}
+
+
 def create_app(
     reader: Reader,
     *,
@@ -89,9 +121,11 @@ def create_app(
     app.state.tokens = Tokens(api=api_token, read=read_token)
     app.add_exception_handler(InvalidCursor, _invalid_cursor)
     app.add_exception_handler(StoreError, _store_failed)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
     app.include_router(health.router)
     reads = [Depends(require_read)]
-    app.include_router(v1.router, prefix="/api/v1", dependencies=reads, responses=AUTH_RESPONSES)
+    app.include_router(v1.router, prefix="/api/v1", dependencies=reads,
+                       responses=AUTH_RESPONSES | STORE_UNAVAILABLE)
     app.include_router(actions_routes.router, prefix="/api/v1",
                        dependencies=[Depends(require_write)], responses=AUTH_RESPONSES)
     app.include_router(metrics_routes.router, dependencies=reads, responses=AUTH_RESPONSES)
