@@ -10,7 +10,6 @@ broken template stops the server at startup instead of failing every notificatio
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -33,6 +32,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from outcomewatch import jsonsafe
 from outcomewatch.durations import parse_duration
 from outcomewatch.errors import DurationError, Problem, RuleError
 from outcomewatch.rules.problems import at, duplicate_keys, locate, path, suggest
@@ -94,7 +94,7 @@ def template_environment() -> SandboxedEnvironment:
 
 
 def _tojson(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, default=str)
+    return jsonsafe.dumps(value)
 
 
 _TEMPLATES = template_environment()

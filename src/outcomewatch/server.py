@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import signal
 import socket
@@ -27,6 +26,7 @@ import uvicorn
 from google.protobuf.internal import api_implementation
 from starlette.types import ASGIApp
 
+from outcomewatch import jsonsafe
 from outcomewatch.analyzer.engine import Engine
 from outcomewatch.analyzer.evidence import failure_detail, failure_summary
 from outcomewatch.api.app import create_app
@@ -487,4 +487,4 @@ class Server:
 
 def group_key(group: GroupValues) -> str:
     """The stored key of a group_by value set: canonical JSON ('' for an ungrouped rule)."""
-    return json.dumps(dict(group), sort_keys=True, default=str) if group else ""
+    return jsonsafe.dumps(dict(group), sort_keys=True) if group else ""

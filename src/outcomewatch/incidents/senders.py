@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import jinja2
 
+from outcomewatch import jsonsafe
 from outcomewatch.config import AlertmanagerTarget, WebhookTarget
 from outcomewatch.errors import OutcomewatchError
 
@@ -245,10 +246,10 @@ async def _post(
 
 
 def _json(value: Any) -> bytes:
-    return json.dumps(value, default=str, ensure_ascii=False).encode()
+    return jsonsafe.dumps(value).encode()
 
 
 def _label_value(value: Any) -> str:
     if value is None:
         return ""
-    return value if isinstance(value, str) else json.dumps(value, default=str)
+    return value if isinstance(value, str) else jsonsafe.dumps(value)

@@ -20,6 +20,7 @@ from typing import Any
 
 import duckdb
 
+from outcomewatch import jsonsafe
 from outcomewatch.model import RunFailed
 
 SYSTEM = "outcomewatch"
@@ -105,7 +106,7 @@ def _transition(
         db.execute(
             "INSERT INTO outbox (incident_id, transition, target, route, payload, status, "
             "created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
-            [incident_id, kind, target, payload["route"], json.dumps(payload), at, at],
+            [incident_id, kind, target, payload["route"], jsonsafe.dumps(payload), at, at],
         )
 
 
@@ -141,7 +142,7 @@ def record_failure(
         "INSERT INTO incident_failures (incident_id, run_id, rule, trace_id, failed_at, reason, "
         "missing, detail, group_key) VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?)",
         [failure.run_id, failure.rule, failure.trace_id, failure.closed_at,
-         failure.reason.value, list(failure.missing), json.dumps(detail, default=str),
+         failure.reason.value, list(failure.missing), jsonsafe.dumps(detail),
          facts.group_key],
     )
     consecutive = int(streak[0])

@@ -152,15 +152,25 @@ def decode_cursor(cursor: str, id_type: type[str] | type[int]) -> tuple[int, Any
     if not isinstance(key, list) or len(key) != 2:
         raise InvalidCursor("invalid cursor")
     at_us, row_id = key
-    if not _bounded_int(at_us) or type(row_id) is not id_type or (
-        id_type is int and not _bounded_int(row_id)
-    ):
+    if not _bounded_int(at_us) or type(row_id) is not id_type:
+        raise InvalidCursor("invalid cursor")
+    if not (_utf8(row_id) if isinstance(row_id, str) else _bounded_int(row_id)):
         raise InvalidCursor("invalid cursor")
     return at_us, row_id
 
 
 def _bounded_int(value: object) -> bool:
     return type(value) is int and -_CURSOR_INT_BOUND < value < _CURSOR_INT_BOUND
+
+
+def _utf8(value: str) -> bool:
+    """False for a string duckdb cannot bind: JSON's ``"\\ud800"`` decodes to a lone surrogate,
+    which UTF-8 cannot encode (it failed in the query, i.e. as a 503 instead of a 400)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 _RUN_COLUMNS = """id, rule, trace_id, status, epoch_us(opened_at), epoch_us(closed_at), reason,

@@ -28,6 +28,9 @@ APPLIES_TO: dict[Action, tuple[str, ...]] = {
     Action.REOPEN: ("resolved",),
 }
 _RESPONSES: dict[int | str, dict[str, Any]] = {
+    # FastAPI's own answer to a body it cannot decode at all (e.g. not UTF-8); a body that is
+    # not JSON, or JSON of the wrong shape, is 422.
+    400: {"model": ErrorOut, "description": "The body could not be read (not UTF-8)."},
     404: {"model": ErrorOut, "description": "No such incident."},
     409: {"model": ErrorOut, "description": "The action does not apply to the current status."},
     503: {"model": ErrorOut, "description": "Read-only deployment, or the store is unavailable."},

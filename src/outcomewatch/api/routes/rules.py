@@ -10,13 +10,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Protocol
+from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from outcomewatch.api.deps import ReaderDep
+from outcomewatch.api.schemas import ErrorOut
 from outcomewatch.errors import Problem
 from outcomewatch.rules import Rule, RuleSet
 
@@ -101,8 +102,13 @@ def _rule_out(rule: Rule, stats: Mapping[str, tuple[int, int, int, float | None,
     )
 
 
-read_router = APIRouter(tags=["rules"])
-write_router = APIRouter(tags=["rules"])
+# get_admin answers 503 without a RulesAdmin; list_rules also reads the store (StoreError: 503).
+_UNAVAILABLE: dict[int | str, dict[str, Any]] = {
+    503: {"model": ErrorOut,
+          "description": "No rules are loaded here, or the store is unavailable."},
+}
+read_router = APIRouter(tags=["rules"], responses=_UNAVAILABLE)
+write_router = APIRouter(tags=["rules"], responses=_UNAVAILABLE)
 
 
 @read_router.get("/rules", response_model=RulesOut, summary="The loaded rules and their runs")
