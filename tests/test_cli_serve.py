@@ -21,6 +21,8 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
+from outcomewatch.cli import build_parser
+
 RULES = """
 rules:
   - name: signup-welcomed
@@ -131,3 +133,11 @@ def test_serve_refuses_to_start_on_an_invalid_rule_file_and_names_it(tmp_path):
     )
     assert result.returncode == 2
     assert f"{rules}:2" in result.stderr
+
+
+def test_every_listener_binds_to_loopback_unless_told_otherwise():
+    args = build_parser().parse_args(["serve"])
+    assert [args.grpc, args.http, args.api] == [
+        ("127.0.0.1", 4317), ("127.0.0.1", 4318), ("127.0.0.1", 8080)]
+    explicit = build_parser().parse_args(["serve", "--grpc", "0.0.0.0:4317"])
+    assert explicit.grpc == ("0.0.0.0", 4317)

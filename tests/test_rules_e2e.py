@@ -173,3 +173,34 @@ def test_a_missed_nightly_slot_fails_once_and_a_restart_does_not_count_it_again(
         runs = again.runs(rule="nightly-backup-ran")
         assert sorted((r["status"], r["reason"]) for r in runs) == [
             ("failed", "missed"), ("passed", None)]
+
+
+def test_a_charge_that_started_before_the_checkout_does_not_count_after_trigger(server):
+    tracer = server.tracer("grpc", **{"service.name": "shop"})
+    start = to_ns(datetime.now(UTC))
+    submit = tracer.start_span("checkout.submit", start_time=start)
+    child(tracer, submit, "payment.charge", start=start - 5_000_000, end=start + 1_000_000)
+    child(tracer, submit, "receipt.sent", start=start + 2_000_000, end=start + 3_000_000)
+    submit.set_status(Status(StatusCode.OK))
+    submit.end(end_time=start + 4_000_000)
+    server.advance(timedelta(minutes=15, seconds=1))
+
+    run = server.verdict(trace_id_of(submit), "checkout-charged-exactly-once")
+    assert (run["status"], run["missing"]) == ("failed", ["payment.charge"])
+
+
+def test_over_max_live_traces_the_oldest_are_judged_early_and_counted(tmp_path: Path):
+    with running_server(tmp_path, max_live_traces=2) as server:
+        tracer = server.tracer("grpc", **{"service.name": "billing"})
+        traces = []
+        for _ in range(3):
+            with tracer.start_as_current_span("stripe.webhook", attributes={
+                    "event.type": "invoice.payment_failed"}) as webhook:
+                pass
+            traces.append(trace_id_of(webhook))
+
+        run = server.verdict(traces[0], "payment-failed-updates-access")
+        assert (run["status"], run["reason"]) == ("failed", "evicted")
+        assert [r["status"] for r in server.runs(trace_id=traces[2])] == ["open"]
+        server.wait_for(lambda: "outcomewatch_evicted_traces_total 1.0" in server.api.get(
+            "/metrics").text.splitlines(), what="the eviction counted")
