@@ -109,10 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--retention-interval", type=_duration_arg,
                        default=timedelta(minutes=10), metavar="DURATION",
                        help="how often expired spans are deleted (default 10m)")
-    serve.add_argument("--max-live-traces", type=int, metavar="N",
+    serve.add_argument("--max-live-traces", type=_positive_int_arg, metavar="N",
                        help="live traces held in memory; over it the oldest are evaluated "
                             "early (reason evicted) and counted, never dropped silently")
-    serve.add_argument("--max-live-spans", type=int, metavar="N",
+    serve.add_argument("--max-live-spans", type=_positive_int_arg, metavar="N",
                        help="spans held in memory for open runs (a memory budget), likewise")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
@@ -180,7 +180,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"outcomewatch: {len(exc.problems)} error(s) in rule or config files",
               file=sys.stderr)
         return 2
-    except (StoreError, OSError) as exc:
+    except (StoreError, OSError, ValueError) as exc:  # ValueError: e.g. a token no client can send
         print(f"outcomewatch: {exc}", file=sys.stderr)
         return 1
     return 0

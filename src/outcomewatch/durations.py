@@ -11,6 +11,7 @@ from datetime import timedelta
 
 from outcomewatch.errors import DurationError
 
+_MAX_MS = 36_500 * 86_400_000
 _UNITS_MS = {"d": 86_400_000, "h": 3_600_000, "m": 60_000, "s": 1_000, "ms": 1}
 _PATTERN = re.compile(
     r"^(?:(?P<d>\d+)d)?(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m(?!s))?(?:(?P<s>\d+)s)?(?:(?P<ms>\d+)ms)?$"
@@ -27,6 +28,9 @@ def parse_duration(text: str) -> timedelta:
     total_ms = sum(int(v) * _UNITS_MS[k] for k, v in match.groupdict().items() if v)
     if total_ms <= 0:
         raise DurationError(f"invalid duration {text!r}: must be greater than zero")
+    if total_ms > _MAX_MS:
+        # Past this, datetimes overflow (year 9999) when a deadline is computed from it.
+        raise DurationError(f"invalid duration {text!r}: at most 36500d (100 years)")
     return timedelta(milliseconds=total_ms)
 
 

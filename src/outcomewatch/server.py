@@ -14,7 +14,6 @@ import contextlib
 import logging
 import signal
 import socket
-from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -43,13 +42,12 @@ from outcomewatch.model import (
     RunFailed,
     RunOpened,
     RunPassed,
-    Span,
 )
 from outcomewatch.otlp import SpanBatch, decode_stored_span
 from outcomewatch.receiver.grpc import start_grpc_receiver
 from outcomewatch.receiver.http import create_http_receiver
 from outcomewatch.receiver.limits import Limits
-from outcomewatch.rules import RuleSet, load_rules, rule_files
+from outcomewatch.rules import Rule, RuleSet, load_rules, rule_files
 from outcomewatch.store import retention
 from outcomewatch.store.duckdb import IncidentFacts, PassStreak, Store
 from outcomewatch.store.incidents import Action, ActionResult
@@ -136,6 +134,7 @@ class Server:
         self._serving: list[asyncio.Task[None]] = []  # the uvicorn servers: stopped gracefully
         self._ready = False
         self._notifier: Notifier | None = None
+        self._reload_lock = asyncio.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -185,12 +184,13 @@ class Server:
 
     def _recovery_window(self) -> timedelta:
         """How far back a restart reads spans again: the idle time, and long enough for the
-        triggers of schedule slots not yet judged and for correlated outcomes still awaited."""
+        triggers of schedule slots not yet judged and for outcomes still awaited (a rule's
+        ``within``: held outcome spans, correlated ones included)."""
         window = self.settings.trace_idle
         for rule in self.rules.rules:
             if rule.schedule is not None:
                 window = max(window, 2 * rule.schedule.grace)
-            if rule.correlate and rule.within is not None:
+            if rule.within is not None:  # outcomes held for a long-running trigger
                 window = max(window, rule.within)
         return window
 
@@ -223,20 +223,23 @@ class Server:
     async def reload(self) -> ReloadResult:
         """Load the rule files again. An invalid set is rejected with its problems and the
         running rules stay; a valid one replaces them for new spans (open runs keep the rule
-        they were opened with)."""
-        try:
-            rules = await asyncio.to_thread(load_rules, list(self.settings.rules))
-        except RuleError as exc:
-            log.error("rule reload rejected, %d problem(s); the old rules keep running:\n%s",
-                      len(exc.problems), exc)
-            return ReloadResult(len(self.rules.rules), exc.problems, self.loaded_at)
-        self.rules = rules
-        self.engine.load_rules(rules)
-        self.loaded_at = self.clock()
-        self._rule_files_seen = self._rule_files_signature()
-        log.info("reloaded %d rules", len(rules.rules))
-        self._warn_unrouted()
-        return ReloadResult(len(rules.rules), (), self.loaded_at)
+        they were opened with). One reload at a time (file change, SIGHUP, API)."""
+        async with self._reload_lock:
+            signature = await asyncio.to_thread(self._rule_files_signature)
+            try:
+                rules = await asyncio.to_thread(load_rules, list(self.settings.rules))
+            except RuleError as exc:
+                log.error("rule reload rejected, %d problem(s); the old rules keep running:\n%s",
+                          len(exc.problems), exc)
+                self._rule_files_seen = signature
+                return ReloadResult(len(self.rules.rules), exc.problems, self.loaded_at)
+            self.rules = rules
+            self.engine.load_rules(rules)
+            self.loaded_at = self.clock()
+            self._rule_files_seen = signature
+            log.info("reloaded %d rules", len(rules.rules))
+            self._warn_unrouted()
+            return ReloadResult(len(rules.rules), (), self.loaded_at)
 
     def _rule_files_signature(self) -> tuple[tuple[str, int, int], ...]:
         try:
@@ -258,15 +261,18 @@ class Server:
             await asyncio.sleep(interval)
             signature = await asyncio.to_thread(self._rule_files_signature)
             if signature != self._rule_files_seen:
-                self._rule_files_seen = signature
-                await self.reload()
+                try:
+                    await self.reload()
+                except Exception:  # the watcher must outlive any one bad reload
+                    log.exception("rule reload failed")
 
     async def _act(
         self, incident_id: int, action: Action, *, actor: str, comment: str | None
     ) -> ActionResult:
         """A person's acknowledge / resolve / reopen, from the API."""
         assert self.store is not None
-        routes = {rule.route: self.notify.targets_for(rule.route) for rule in self.rules.rules}
+        # By the incident's own (stored) route: a rule's route may have changed since it opened.
+        routes = {route: self.notify.targets_for(route) for route in self.notify.routes}
         return await self.store.act(incident_id, action, actor=actor, comment=comment,
                                     at=self.clock(), targets_for_route=routes)
 
@@ -381,51 +387,64 @@ class Server:
         return ingest
 
     async def _ingest(self, batch: SpanBatch) -> None:
+        if len(batch):
+            # Shielded: a client that gives up (deadline, disconnect) while its spans commit
+            # must not leave them stored but never observed.
+            await asyncio.shield(self._commit_and_observe(batch))
+
+    async def _commit_and_observe(self, batch: SpanBatch) -> None:
         assert self.store is not None
-        if not len(batch):
-            return
         await self.store.append_spans(batch)
         self._handle(self.engine.observe(batch))
 
-    def _handle(self, events: Sequence[RunEvent]) -> list[asyncio.Task[None]]:
-        """Persist what the engine decided: opened and passed runs and late outcomes are queued
-        to the writer in order; each failure first reads its trace for evidence (the tasks that
-        do so are returned)."""
-        created: list[asyncio.Task[None]] = []
+    def _handle(self, events: Sequence[RunEvent]) -> None:
+        """Persist what the engine decided, queued to the writer in the engine's order (the
+        writer is FIFO): a pass never overtakes an earlier failure of the same rule, and a late
+        outcome always finds its failed run. A failure's evidence is read afterwards, off the
+        loop, and attached to the already stored failure."""
         assert self.store is not None
-        opened = [e for e in events if isinstance(e, RunOpened)]
-        passed = [e for e in events if isinstance(e, RunPassed)]
-        late = [e for e in events if isinstance(e, LateOutcome)]
-        if opened or passed:
-            self.store.record_runs(opened, passed, self._streaks(passed))
-        for opened_run in opened:
-            self.metrics.runs.labels(opened_run.rule, "opened").inc()
-        for passed_run in passed:
-            self.metrics.runs.labels(passed_run.rule, "passed").inc()
-            self.metrics.time_to_outcome.labels(passed_run.rule, "passed").observe(
-                (passed_run.closed_at - passed_run.opened_at).total_seconds())
-        for outcome in late:
-            self.metrics.late_outcomes.labels(outcome.rule).inc()
-        self.store.record_late_outcomes(late)
-        for failure in events:
-            if isinstance(failure, RunFailed):
-                self.metrics.runs.labels(failure.rule, "failed").inc()
-                self.metrics.time_to_outcome.labels(failure.rule, "failed").observe(
-                    (failure.closed_at - failure.opened_at).total_seconds())
-                task = asyncio.create_task(self._record_failure(failure))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-                created.append(task)
-        return created
+        opened: list[RunOpened] = []
+        passed: list[RunPassed] = []
+
+        def flush() -> None:
+            assert self.store is not None
+            if opened or passed:
+                self.store.record_runs(list(opened), list(passed), self._streaks(passed))
+                opened.clear()
+                passed.clear()
+
+        for event in events:
+            if isinstance(event, RunOpened):
+                self.metrics.runs.labels(event.rule, "opened").inc()
+                opened.append(event)
+                continue
+            if isinstance(event, RunPassed):
+                self.metrics.runs.labels(event.rule, "passed").inc()
+                self.metrics.time_to_outcome.labels(event.rule, "passed").observe(
+                    (event.closed_at - event.opened_at).total_seconds())
+                passed.append(event)
+                continue
+            flush()
+            if isinstance(event, LateOutcome):
+                self.metrics.late_outcomes.labels(event.rule).inc()
+                self.store.record_late_outcomes([event])
+            else:
+                self.metrics.runs.labels(event.rule, "failed").inc()
+                self.metrics.time_to_outcome.labels(event.rule, "failed").observe(
+                    (event.closed_at - event.opened_at).total_seconds())
+                self._record_failure(event)
+        flush()
 
     def _streaks(self, passed: Sequence[RunPassed]) -> list[PassStreak]:
-        counts = Counter((run.rule, group_key(run.group)) for run in passed)
+        runs: dict[tuple[str, str], list[str]] = {}
+        for run in passed:
+            runs.setdefault((run.rule, group_key(run.group)), []).append(run.run_id)
         streaks = []
-        for (name, key), count in counts.items():
+        for (name, key), run_ids in runs.items():
             rule = self.rules.by_name(name)
-            if rule is not None:
-                streaks.append(PassStreak(name, key, count, rule.resolve_after,
-                                          self.notify.targets_for(rule.route)))
+            streaks.append(PassStreak(
+                name, key, tuple(run_ids), rule.resolve_after if rule else None,
+                self.notify.targets_for(rule.route) if rule else ()))
         return streaks
 
     async def _tick_loop(self) -> None:
@@ -434,55 +453,75 @@ class Server:
         last_probe = 0.0
         loop = asyncio.get_running_loop()
         while True:
-            assert self.store is not None
-            if not self.store.healthy and loop.time() - last_probe > 5:
-                # Storage failed and nothing may be writing: try a write now and then, so that
-                # /readyz turns ready again once the disk has room, without waiting for traffic.
-                last_probe = loop.time()
-                self.store.submit(lambda db: db.execute(
-                    "UPDATE schema_version SET version = version"))
-            recording = self._handle(self.engine.tick())
-            progress = self.engine.schedule_progress()
-            if progress != saved:
-                # Only once the missed slots' failures are stored: a slot reported twice is
-                # harmless (deterministic run ids), a slot forgotten is not.
-                await asyncio.gather(*recording, return_exceptions=True)
+            try:
                 assert self.store is not None
-                self.store.save_schedule_progress(progress)
-                saved = progress
-            self.metrics.evicted_traces.inc(self.engine.evicted_traces - self._evicted_seen)
-            self._evicted_seen = self.engine.evicted_traces
-            self.metrics.live_traces.set(self.engine.live_traces)
-            self.metrics.open_runs.set(self.engine.open_runs)
+                if not self.store.healthy and loop.time() - last_probe > 5:
+                    # Storage failed and nothing may be writing: try a write now and then, so
+                    # /readyz turns ready again once the disk has room, without traffic.
+                    last_probe = loop.time()
+                    self.store.submit(lambda db: db.execute(
+                        "UPDATE schema_version SET version = version"))
+                self._handle(self.engine.tick())
+                progress = self.engine.schedule_progress()
+                if progress != saved:
+                    # Queued after the missed slots' failures (FIFO), so stored after them: a
+                    # slot reported twice is harmless (deterministic run ids), one lost is not.
+                    self.store.save_schedule_progress(progress)
+                    saved = progress
+                self.metrics.evicted_traces.inc(self.engine.evicted_traces - self._evicted_seen)
+                self._evicted_seen = self.engine.evicted_traces
+                self.metrics.live_traces.set(self.engine.live_traces)
+                self.metrics.open_runs.set(self.engine.open_runs)
+            except Exception:
+                # One bad tick must not stop every later verdict.
+                log.exception("tick failed")
             await asyncio.sleep(interval)
 
-    async def _record_failure(self, failure: RunFailed) -> None:
+    def _facts(self, failure: RunFailed, rule: Rule | None) -> IncidentFacts:
+        if rule is None:  # removed by a reload while the run was open: still judged, and kept
+            return IncidentFacts(
+                severity="warning", owner="", route="", group_key=group_key(failure.group),
+                summary=f"{failure.rule} (no longer loaded): {', '.join(failure.missing)} "
+                        f"missing, reason {failure.reason.value}",
+                reopen_window=self.notify.reopen_window)
+        return IncidentFacts(
+            severity=rule.severity.value, owner=rule.owner, route=rule.route,
+            summary=failure_summary(rule, failure), description=rule.description,
+            group_key=group_key(failure.group), open_after=rule.open_after,
+            resolve_after=rule.resolve_after,
+            reopen_window=rule.reopen_within or self.notify.reopen_window,
+            targets=self.notify.targets_for(rule.route),
+        )
+
+    def _record_failure(self, failure: RunFailed) -> None:
         assert self.store is not None
         rule = self.rules.by_name(failure.rule)
-        if rule is None:  # the rule was removed since the run opened
-            return
+        self.store.record_failure_now(failure, self._facts(failure, rule))
+        if rule is not None and failure.trigger is not None:
+            task = asyncio.create_task(self._attach_evidence(failure, rule))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif rule is not None:
+            self.store.attach_evidence(failure.run_id, failure_detail(rule, failure, []))
+
+    async def _attach_evidence(self, failure: RunFailed, rule: Rule) -> None:
+        assert self.store is not None and failure.trigger is not None
+        store = self.store
+        # Spans of the trace that no rule looks at may have arrived before the first one the
+        # engine saw (children end, and are exported, before their parents): look back from
+        # whichever is earlier, the trigger's start or that first arrival, with a margin for
+        # clock skew between the client and us.
+        since = min(failure.trigger.start_ns, failure.first_received_ns) - _LOOKBACK_NS
+
+        def build() -> dict[str, Any]:  # off the loop: a big trace takes a while to decode
+            stored = store.trace_spans_since(failure.trace_id, since)
+            spans = [decode_stored_span(raw, res, scope=scope) for raw, res, scope in stored]
+            return failure_detail(rule, failure, spans)
+
         try:
-            spans: list[Span] = []
-            if failure.trigger is not None:
-                # Spans of the trace that no rule looks at may have arrived before the first
-                # one the engine saw (children end, and are exported, before their parents):
-                # look back from whichever is earlier, the trigger's start or that first
-                # arrival, with a margin for clock skew between the client and us.
-                since = min(failure.trigger.start_ns, failure.first_received_ns) - _LOOKBACK_NS
-                stored = await asyncio.to_thread(
-                    self.store.trace_spans_since, failure.trace_id, since)
-                spans = [decode_stored_span(raw, res, scope=scope) for raw, res, scope in stored]
-            facts = IncidentFacts(
-                severity=rule.severity.value, owner=rule.owner, route=rule.route,
-                summary=failure_summary(rule, failure), description=rule.description,
-                group_key=group_key(failure.group), open_after=rule.open_after,
-                resolve_after=rule.resolve_after,
-                reopen_window=rule.reopen_within or self.notify.reopen_window,
-                targets=self.notify.targets_for(rule.route),
-            )
-            await self.store.record_failure(failure, facts, failure_detail(rule, failure, spans))
+            store.attach_evidence(failure.run_id, await asyncio.to_thread(build))
         except Exception:
-            log.exception("could not record the failure of run %s", failure.run_id)
+            log.exception("could not read the evidence of failed run %s", failure.run_id)
 
 
 def group_key(group: GroupValues) -> str:

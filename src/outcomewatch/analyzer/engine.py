@@ -321,6 +321,7 @@ class Engine:
         run = OpenRun(run_id, rule, trigger, now, deadline, group_values(rule.rule, trigger),
                       values, [{} for _ in rule.expects])
         live.runs[run_id] = run
+        live.had_run = True
         live.held += 1
         self._held += 1
         self._open += 1
@@ -438,7 +439,7 @@ class Engine:
                 # 20-minute backup.run) is exported when it ends, long after its children: hold
                 # them as long as some rule's `within` lets an outcome wait for its trigger.
                 hold_due = live.last_seen + self._hold
-                if hold_due > now and live.held:
+                if hold_due > now and live.held and not live.had_run:
                     self._schedule(live, hold_due)
                 else:
                     self._drop(trace_id)

@@ -302,6 +302,7 @@ class LiveTrace:
     # per expectation, the runs of this trace still wanting spans that match it
     waiting: dict[Expect, dict[str, OpenRun]] = field(default_factory=dict)
     held: int = 0  # kept spans + triggers of open runs
+    had_run: bool = False  # once a run opened here, its outcomes no longer wait for a trigger
 
     def keep(self, what: Expect | Forbid, span: Span) -> int:
         kept = self.kept.get(what)

@@ -175,8 +175,9 @@ class Selector:
 
     ``count`` and ``after_trigger`` (expectations only) need the run's context, so ``matches``
     ignores them: ``count`` is how many distinct matching spans the expectation needs (None:
-    at least one) and ``after_trigger`` says a span only counts if it started after the trigger
-    started (``span.start_ns > trigger.start_ns``).
+    at least one) and ``after_trigger`` says a span only counts if it started no earlier than
+    the trigger (``span.start_ns >= trigger.start_ns``: a child started in the same instant
+    as its parent counts).
     """
 
     span: str

@@ -106,7 +106,7 @@ def _check_duration(value: str) -> str:
 def _check_regex(value: str) -> str:
     try:
         re.compile(value)
-    except re.error as exc:
+    except (re.error, OverflowError, RecursionError) as exc:
         raise PydanticCustomError("regex", f"invalid regex {value!r}: {exc}") from exc
     return value
 

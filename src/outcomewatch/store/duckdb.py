@@ -27,6 +27,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from outcomewatch import jsonsafe
 from outcomewatch.errors import Overloaded, StoreError
 from outcomewatch.model import LateOutcome, RunFailed, RunOpened, RunPassed
 from outcomewatch.otlp import SpanBatch
@@ -81,7 +82,7 @@ class PassStreak:
 
     rule: str
     group_key: str
-    passes: int
+    run_ids: tuple[str, ...]
     resolve_after: int | None
     targets: tuple[str, ...]
 
@@ -167,12 +168,22 @@ class Store(ServerReads):
         if late:
             self.submit(record)
 
+    def record_failure_now(self, failure: RunFailed, facts: IncidentFacts) -> None:
+        """Queue a failed verdict, counted in its incident (see store/incidents.py), in the
+        order the engine decided it; its evidence follows through ``attach_evidence``."""
+        self.submit(lambda db: incidents.record_failure(db, failure, facts, {}))
+
+    def attach_evidence(self, run_id: str, detail: dict[str, Any]) -> None:
+        """Queue the evidence of a failure already queued (a no-op if it was never stored)."""
+        self.submit(lambda db: db.execute(
+            "UPDATE incident_failures SET detail = ? WHERE run_id = ?",
+            [jsonsafe.dumps(detail), run_id]))
+
     async def record_failure(
         self, failure: RunFailed, facts: IncidentFacts, detail: dict[str, Any]
     ) -> int | None:
-        """Store a failed verdict and count it in its incident (see store/incidents.py).
-        Returns the incident id, or None if the run already had a verdict or flap control
-        holds the incident back."""
+        """Store a failed verdict with its evidence and wait for it; returns the incident id,
+        or None if the run already had a verdict or flap control holds the incident back."""
         result = await self.run(lambda db: incidents.record_failure(db, failure, facts, detail))
         assert result is None or isinstance(result, int)
         return result
@@ -284,17 +295,28 @@ class Store(ServerReads):
     ) -> None:
         if opened:
             self._insert_opened(opened)
+        stored: set[str] = set()
         for run in passed:
+            # The open row may be missing (its write failed): a pass is stored all the same.
             db.execute(
+                "INSERT INTO runs (id, rule, trace_id, trigger_span_id, status, opened_at) "
+                "VALUES (?, ?, ?, '', 'open', ?) ON CONFLICT DO NOTHING",
+                [run.run_id, run.rule, run.trace_id, run.opened_at])
+            row = db.execute(
                 "UPDATE runs SET status = 'passed', closed_at = ?, missing = [] "
-                "WHERE id = ? AND status = 'open'",
+                "WHERE id = ? AND status = 'open' RETURNING id",
                 [run.closed_at, run.run_id],
-            )
+            ).fetchone()
+            if row is not None:
+                stored.add(run.run_id)
         at = max((r.closed_at for r in passed), default=None)
         for streak in streaks:
-            if at is not None:
+            # Only passes stored now count: a run judged again (a re-sent trigger after the
+            # engine forgot it) must not count twice towards resolve_after.
+            passes = sum(1 for run_id in streak.run_ids if run_id in stored)
+            if at is not None and passes:
                 incidents.record_passes(
-                    db, streak.rule, streak.group_key, streak.passes, at=at,
+                    db, streak.rule, streak.group_key, passes, at=at,
                     resolve_after=streak.resolve_after, targets=streak.targets)
 
     def _insert_spans(self, batches: list[SpanBatch]) -> None:

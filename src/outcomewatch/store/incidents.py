@@ -146,7 +146,7 @@ def record_failure(
          facts.group_key],
     )
     consecutive = int(streak[0])
-    incident_id, is_new = _current_incident(db, failure, facts, consecutive=consecutive)
+    incident_id, transition = _current_incident(db, failure, facts, consecutive=consecutive)
     if incident_id is None:
         return None
     # A new or re-opened incident takes the failures of the streak that opened it (flap
@@ -157,7 +157,7 @@ def record_failure(
         "FROM incident_failures WHERE rule = ? AND group_key = ? AND incident_id IS NULL "
         "ORDER BY failed_at DESC, run_id DESC LIMIT ?) RETURNING run_id",
         [incident_id, failure.rule, facts.group_key, min(consecutive, facts.open_after)
-         if is_new else 1],
+         if transition else 1],
     ).fetchall()
     db.execute(
         "UPDATE incidents SET failure_count = failure_count + ?, last_failure_at = ?, summary = ? "
@@ -166,24 +166,28 @@ def record_failure(
     )
     db.execute("UPDATE runs SET incident_id = ? WHERE list_contains(?, id)",
                [incident_id, [r[0] for r in attached]])
+    if transition is not None:  # announced with the counts it opened with
+        comment = facts.summary if transition == "opened" else f"failed again: {facts.summary}"
+        _transition(db, incident_id, kind=transition, at=failure.closed_at, actor=SYSTEM,
+                    comment=comment, targets=facts.targets)
     return incident_id
 
 
 def _current_incident(
     db: duckdb.DuckDBPyConnection, failure: RunFailed, facts: IncidentFacts, *, consecutive: int
-) -> tuple[int | None, bool]:
+) -> tuple[int | None, str | None]:
     """The incident this failure counts in: the open one, a recently resolved one re-opened, or
-    a new one once ``open_after`` consecutive failures are reached; and whether it just
-    (re)opened."""
+    a new one once ``open_after`` consecutive failures are reached; and the transition made
+    ("opened", "reopened", or None), to be announced once the failures are attached."""
     row = db.execute(
         "SELECT id FROM incidents WHERE rule = ? AND group_key = ? "
         "AND status IN ('open', 'acknowledged')",
         [failure.rule, facts.group_key],
     ).fetchone()
     if row is not None:
-        return int(row[0]), False
+        return int(row[0]), None
     if consecutive < facts.open_after:
-        return None, False
+        return None, None
     reopened = db.execute(
         "UPDATE incidents SET status = 'open', resolved_at = NULL, acknowledged_at = NULL "
         "WHERE id = (SELECT max(id) FROM incidents WHERE rule = ? AND group_key = ? "
@@ -191,10 +195,7 @@ def _current_incident(
         [failure.rule, facts.group_key, failure.closed_at - facts.reopen_window],
     ).fetchone()
     if reopened is not None:
-        incident_id = int(reopened[0])
-        _transition(db, incident_id, kind="reopened", at=failure.closed_at, actor=SYSTEM,
-                    comment=f"failed again: {facts.summary}", targets=facts.targets)
-        return incident_id, True
+        return int(reopened[0]), "reopened"
     created = db.execute(
         "INSERT INTO incidents (rule, status, severity, owner, route, opened_at, last_failure_at, "
         "failure_count, summary, description, group_key) "
@@ -203,10 +204,7 @@ def _current_incident(
          failure.closed_at, facts.summary, facts.description, facts.group_key],
     ).fetchone()
     assert created is not None
-    incident_id = int(created[0])
-    _transition(db, incident_id, kind="opened", at=failure.closed_at, actor=SYSTEM,
-                comment=facts.summary, targets=facts.targets)
-    return incident_id, True
+    return int(created[0]), "opened"
 
 
 def record_passes(
@@ -239,8 +237,11 @@ def act(
 ) -> ActionResult:
     """A person's acknowledge / resolve / reopen."""
     sources, target_status, kind = _TRANSITIONS[action]
+    # A reopen by hand is no new failure: last_failure_at stays (the ``? IS NOT NULL`` only
+    # keeps one parameter list for the three statements).
     stamp = {"acknowledged": "acknowledged_at = ?", "resolved": "resolved_at = ?",
-             "open": "resolved_at = NULL, acknowledged_at = NULL, last_failure_at = ?"}
+             "open": "resolved_at = NULL, acknowledged_at = NULL, "
+                     "last_failure_at = CASE WHEN ? IS NOT NULL THEN last_failure_at END"}
     changed = db.execute(
         # Only fixed strings are formatted in; every value is a parameter.
         f"UPDATE incidents SET status = ?, {stamp[target_status]} "

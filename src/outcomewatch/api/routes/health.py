@@ -19,12 +19,15 @@ def _ready(request: Request) -> bool:
 @router.get(
     "/healthz",
     response_model=HealthOut,
-    summary="Readiness probe",
+    summary="Liveness probe",
     responses={503: {"model": HealthOut, "description": "Still starting up."}},
 )
 def healthz(request: Request, response: Response) -> HealthOut:
-    """200 ``ok`` once the service is ready, 503 ``starting`` before."""
-    if _ready(request):
+    """200 ``ok`` once the service has been ready (it stays 200 while draining or while
+    storage fails, so an orchestrator does not restart it for that: see /readyz), 503
+    ``starting`` before."""
+    if getattr(request.app.state, "started", False) or _ready(request):
+        request.app.state.started = True
         return HealthOut(status="ok")
     response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
     return HealthOut(status="starting")

@@ -1,0 +1,166 @@
+"""The server persists the engine's verdicts in the engine's order, with a real Store on a real
+DuckDB file and an injected clock (no sockets: Server._ingest and the tick are driven here).
+Regression tests for orderings a review found broken: a pass overtaking an earlier failure, a
+late outcome arriving while the failure's evidence is still being read, a failure of a rule
+that a reload removed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from outcomewatch.clock import ManualClock, to_ns
+from outcomewatch.otlp import SpanBatch, batch_from_request
+from outcomewatch.server import Server, Settings
+from outcomewatch.store.duckdb import Store
+
+IDLE = timedelta(seconds=10)
+
+
+def spans(clock: ManualClock, *items: tuple[int, int, str]) -> SpanBatch:
+    """(trace number, span number, name) spans, status OK, ending now."""
+    request = ExportTraceServiceRequest()
+    resource_spans = request.resource_spans.add()
+    resource_spans.resource.attributes.add(key="service.name").value.string_value = "svc"
+    scope = resource_spans.scope_spans.add()
+    now = to_ns(clock())
+    for trace, span, name in items:
+        pb_span = scope.spans.add(name=name, trace_id=trace.to_bytes(16, "big"),
+                                  span_id=span.to_bytes(8, "big"))
+        pb_span.start_time_unix_nano, pb_span.end_time_unix_nano = now - 1000, now
+        pb_span.status.code = 1
+    return batch_from_request(request, received_ns=now)
+
+
+class Harness:
+    def __init__(self, tmp_path: Path, rules: str) -> None:
+        self.rules = tmp_path / "rules.yaml"
+        self.rules.write_text(rules)
+        self.clock = ManualClock()
+        self.loop = asyncio.new_event_loop()
+        self.server = Server(Settings(rules=(str(self.rules),), db=str(tmp_path / "ow.duckdb"),
+                                      trace_idle=IDLE), clock=self.clock)
+        self.server.store = Store(self.server.settings.db)
+        self.server.engine = self.server._new_engine({})
+
+    def ingest(self, *items: tuple[int, int, str]) -> None:
+        self.loop.run_until_complete(self.server._ingest(spans(self.clock, *items)))
+
+    def tick_after(self, delta: timedelta) -> None:
+        self.clock.advance(delta)
+
+        async def tick() -> None:  # _handle starts evidence tasks on the running loop
+            self.server._handle(self.server.engine.tick())
+
+        self.loop.run_until_complete(tick())
+
+    def settle(self) -> None:
+        async def drained() -> None:
+            assert self.server.store is not None
+            await asyncio.gather(*list(self.server._tasks), return_exceptions=True)
+            await self.server.store.run(lambda db: None)  # the writer is FIFO: a barrier
+        self.loop.run_until_complete(drained())
+
+    def rows(self, sql: str) -> list[tuple[Any, ...]]:
+        assert self.server.store is not None
+        cursor = self.server.store.conn.cursor()
+        try:
+            return cursor.execute(sql).fetchall()
+        finally:
+            cursor.close()
+
+    def close(self) -> None:
+        assert self.server.store is not None
+        self.server.store.close()
+        self.loop.close()
+
+
+@pytest.fixture
+def make(tmp_path: Path) -> Iterator[Any]:
+    made: list[Harness] = []
+
+    def factory(rules: str) -> Harness:
+        made.append(Harness(tmp_path, rules))
+        return made[-1]
+
+    yield factory
+    for harness in made:
+        harness.close()
+
+
+CHARGE_ONCE = """
+rules:
+  - name: charge-once
+    owner: billing
+    trigger: {span: order.placed}
+    expect: [{span: charge.done, count: {gte: 1, lte: 1}}]
+    resolve_after: 1
+"""
+
+
+def test_a_pass_decided_after_a_failure_in_the_same_tick_is_stored_after_it(make: Any) -> None:
+    h = make(CHARGE_ONCE)
+    h.ingest((1, 1, "order.placed"))
+    h.tick_after(IDLE + timedelta(seconds=1))  # fails: an incident opens
+    h.settle()
+    h.ingest((2, 1, "order.placed"))  # will fail...
+    h.ingest((3, 1, "order.placed"), (3, 2, "charge.done"))  # ...and this pass, in one tick
+    h.tick_after(IDLE + timedelta(seconds=1))
+    h.settle()
+
+    assert h.rows("SELECT status, failure_count FROM incidents") == [("resolved", 2)]
+    assert [r[0] for r in h.rows(
+        "SELECT kind FROM incident_events ORDER BY occurred_at, kind")] == ["opened", "resolved"]
+
+
+ORDER_CONFIRMED = """
+rules:
+  - name: order-confirmed
+    owner: shop
+    trigger: {span: order.placed}
+    expect: [{span: email.sent}]
+"""
+
+
+def test_a_late_outcome_is_kept_while_the_failures_evidence_is_still_being_read(
+    make: Any,
+) -> None:
+    h = make(ORDER_CONFIRMED)
+    store = h.server.store
+    read = store.trace_spans_since
+
+    def slow_read(*args: Any) -> Any:  # stands for a scan of a large spans table
+        time.sleep(0.2)
+        return read(*args)
+
+    store.trace_spans_since = slow_read
+    h.ingest((1, 1, "order.placed"))
+    h.tick_after(IDLE + timedelta(seconds=1))
+    h.ingest((1, 2, "email.sent"))  # arrives while the evidence read is under way
+    h.settle()
+
+    assert h.rows("SELECT status, late_outcomes FROM runs") == [("failed", ["email.sent"])]
+    assert h.rows("SELECT count(*) FROM incident_events WHERE kind = 'late_outcome'") == [(1,)]
+    # The evidence is still attached to the failure (with or without the late span, depending
+    # on when the read ran).
+    (span_count,) = h.rows("SELECT detail->>'span_count' FROM incident_failures")
+    assert span_count[0] in ("1", "2")
+
+
+def test_a_run_of_a_rule_removed_by_a_reload_still_gets_its_verdict(make: Any) -> None:
+    h = make(ORDER_CONFIRMED)
+    h.ingest((1, 1, "order.placed"))
+    h.rules.write_text(ORDER_CONFIRMED.replace("order-confirmed", "order-mailed"))
+    h.loop.run_until_complete(h.server.reload())
+    h.tick_after(IDLE + timedelta(seconds=1))
+    h.settle()
+
+    assert h.rows("SELECT rule, status FROM runs") == [("order-confirmed", "failed")]
+    assert h.rows("SELECT rule, failure_count FROM incidents") == [("order-confirmed", 1)]
