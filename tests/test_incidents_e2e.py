@@ -94,7 +94,7 @@ class World:
 
 @contextmanager
 def world(tmp_path: Path, *, open_after: int = 1, fail_first: int = 0,
-          api_token: str | None = None) -> Iterator[World]:
+          api_token: str | None = None, resend: str = "1m") -> Iterator[World]:
     alertmanager, webhook = Receiver(), Receiver(fail_first=fail_first)
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES.replace("{open_after}", str(open_after)))
@@ -104,7 +104,7 @@ def world(tmp_path: Path, *, open_after: int = 1, fail_first: int = 0,
             "external_url: http://outcomewatch.test\n"
             "routes:\n"
             "  shop-oncall:\n"
-            f"    alertmanager: {{url: '{am_url}'}}\n"
+            f"    alertmanager: {{url: '{am_url}', resend_every: {resend}}}\n"
             f"    webhook: {{url: '{hook_url}/hook', headers: {{X-Team: shop}}}}\n"
         )
         with running_server(tmp_path, rules=[rules], config=config,
@@ -129,13 +129,13 @@ def test_open_resolve_and_reopen_notifications_arrive_once_each_in_order(tmp_pat
         alerts = [body[0] for body in w.alertmanager.received]
         assert [a["labels"]["rule"] for a in alerts] == ["order-confirmed"] * 3
         assert alerts[0]["labels"]["severity"] == "critical"
-        # Firing alerts carry a far endsAt (Alertmanager would otherwise resolve them after its
-        # resolve_timeout); the resolve sets endsAt to the moment of resolution.
+        # Firing alerts end 4 x resend_every (1m) after they are posted, unless posted again;
+        # the resolve sets endsAt to the moment of resolution.
         ends = [datetime.fromisoformat(a["endsAt"].replace("Z", "+00:00")) for a in alerts]
         starts = [datetime.fromisoformat(a["startsAt"].replace("Z", "+00:00")) for a in alerts]
-        assert ends[0] - starts[0] > timedelta(days=300)
-        assert ends[1] - starts[1] < timedelta(hours=1)
-        assert ends[2] - starts[2] > timedelta(days=300)
+        assert ends[0] - starts[0] == timedelta(minutes=4)
+        assert ends[1] < ends[0]
+        assert ends[2] > ends[1]
         assert alerts[0]["annotations"]["incident_url"].endswith(
             f"/api/v1/incidents/{incident['id']}")
         kinds = [e["kind"] for e in w.server.get(
@@ -256,3 +256,33 @@ def test_metrics_count_spans_runs_incidents_and_notifications(tmp_path):
                    for line in lines)
         assert "outcomewatch_time_to_outcome_seconds_bucket" in text
         assert "outcomewatch_storage_write_seconds_count" in text
+
+
+def test_firing_alerts_are_posted_again_every_resend_interval_until_resolved(tmp_path):
+    with world(tmp_path) as w:
+        w.failed_order()
+        w.server.wait_for(lambda: len(w.alertmanager.received) == 1, what="the first alert")
+        w.server.advance(timedelta(minutes=1))
+        w.server.wait_for(lambda: len(w.alertmanager.received) == 2, what="a resend")
+        first, again = (body[0] for body in w.alertmanager.received)
+        assert again["labels"] == first["labels"]
+        assert again["endsAt"] > first["endsAt"]
+
+        (incident,) = w.incidents()
+        assert w.server.api.post(f"/api/v1/incidents/{incident['id']}/resolve").is_success
+        w.server.wait_for(lambda: len(w.alertmanager.received) == 3, what="the resolve")
+        w.server.advance(timedelta(minutes=5))
+        w.passed_order()  # a sync point: several notifier passes happen meanwhile
+        assert len(w.alertmanager.received) == 3
+
+
+def test_with_resend_never_a_firing_alert_is_posted_once_with_a_far_end(tmp_path):
+    with world(tmp_path, resend="never") as w:
+        w.failed_order()
+        w.server.wait_for(lambda: w.alertmanager.received, what="the alert")
+        w.server.advance(timedelta(minutes=10))
+        w.passed_order()
+        (alert,) = (body[0] for body in w.alertmanager.received)
+        ends = datetime.fromisoformat(alert["endsAt"].replace("Z", "+00:00"))
+        starts = datetime.fromisoformat(alert["startsAt"].replace("Z", "+00:00"))
+        assert ends - starts > timedelta(days=300)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from types import MappingProxyType
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import jinja2
@@ -40,6 +40,7 @@ from outcomewatch.rules.problems import at, duplicate_keys, locate, path, sugges
 DEFAULT_EXTERNAL_URL = "http://127.0.0.1:8080"
 DEFAULT_REOPEN_WINDOW = timedelta(hours=24)
 DEFAULT_TIMEOUT = timedelta(seconds=10)
+DEFAULT_RESEND = timedelta(minutes=1)
 TARGETS = ("alertmanager", "webhook")  # the order targets_for reports them in
 
 
@@ -50,6 +51,11 @@ TARGETS = ("alertmanager", "webhook")  # the order targets_for reports them in
 class AlertmanagerTarget:
     url: str  # base URL without a trailing slash; alerts go to {url}/api/v2/alerts
     timeout: timedelta = DEFAULT_TIMEOUT
+    # Firing alerts are posted again this often with endsAt = now + 4 x resend_every, as
+    # Prometheus does: an Alertmanager restart forgets nothing for long, and if outcomewatch
+    # stops, its alerts end on their own instead of firing for ever. None: post each transition
+    # once, with a far endsAt.
+    resend_every: timedelta | None = DEFAULT_RESEND
 
 
 @dataclass(frozen=True)
@@ -150,6 +156,7 @@ class _Model(BaseModel):
 class AlertmanagerModel(_Model):
     url: Url
     timeout: Duration = DEFAULT_TIMEOUT
+    resend_every: Duration | Literal["never"] = DEFAULT_RESEND
 
 
 class WebhookModel(_Model):
@@ -258,7 +265,10 @@ def _compile_route(model: RouteModel) -> RouteConfig:
     if hook is not None:
         headers = MappingProxyType(dict(hook.headers))
         webhook = WebhookTarget(hook.url, headers, hook.template, hook.content_type, hook.timeout)
-    alertmanager = AlertmanagerTarget(am.url, am.timeout) if am is not None else None
+    alertmanager = None
+    if am is not None:
+        resend = None if am.resend_every == "never" else am.resend_every
+        alertmanager = AlertmanagerTarget(am.url, am.timeout, resend)
     return RouteConfig(alertmanager=alertmanager, webhook=webhook)
 
 

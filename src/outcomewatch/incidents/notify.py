@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
 
@@ -41,6 +41,10 @@ class OutboxStore(Protocol):
 
     def pending_before(self, incident_id: int, row_id: int) -> bool:
         """True if a row of the same incident and target with a smaller id is not sent."""
+        ...
+
+    def firing_incidents(self) -> list[dict[str, Any]]:
+        """Snapshots of the incidents open or acknowledged (a blocking DB read)."""
         ...
 
     async def mark_notification(
@@ -94,6 +98,7 @@ class Notifier:
     ) -> None:
         """``on_attempt(target, delivered)`` is called after every delivery attempt (metrics)."""
         self._on_attempt = on_attempt or (lambda target, delivered: None)
+        self._resent: dict[int, datetime] = {}  # incident id -> when its alert was last posted
         self._store = store
         self._config = config
         self._clock = clock
@@ -134,11 +139,49 @@ class Notifier:
         while True:
             try:
                 fetched, sent = await self._run_batch()
+                await self.resend_firing()
             except Exception:
                 log.exception("notification delivery failed; retrying in %s", interval)
                 fetched, sent = 0, 0
             if fetched < self._batch_size or sent == 0:
                 await asyncio.sleep(interval.total_seconds())
+
+    async def resend_firing(self) -> int:
+        """Post the firing alert of every open or acknowledged incident again to the
+        Alertmanager targets that ask for it (``resend_every``), each at most that often.
+        Outside the outbox on purpose: a resend is a refresh, idempotent for Alertmanager
+        (same labels), not a transition. Returns how many alerts were posted."""
+        if not any(route.alertmanager and route.alertmanager.resend_every
+                   for route in self._config.routes.values()):
+            return 0
+        now = self._clock()
+        posted = 0
+        firing = await asyncio.to_thread(self._store.firing_incidents)
+        for payload in firing:
+            route = self._config.routes.get(str(payload.get("route")))
+            target = route.alertmanager if route else None
+            if target is None or target.resend_every is None:
+                continue
+            last = self._resent.get(int(payload["id"]))
+            if last is None:
+                # The transition itself was posted just now (or at start, by the outbox):
+                # count from here.
+                self._resent[int(payload["id"])] = now
+                continue
+            if now - last < target.resend_every:
+                continue
+            try:
+                await send_alertmanager(self._client, target, payload, transition="firing",
+                                        external_url=self._config.external_url, now=now)
+                posted += 1
+                self._resent[int(payload["id"])] = now
+            except (DeliveryError, httpx.HTTPError) as exc:
+                log.warning("resending the alert of incident %s failed: %s", payload["id"], exc)
+        still_firing = {int(p["id"]) for p in firing}
+        for incident_id in list(self._resent):
+            if incident_id not in still_firing:
+                del self._resent[incident_id]
+        return posted
 
     async def _run_batch(self) -> tuple[int, int]:
         rows = await asyncio.to_thread(

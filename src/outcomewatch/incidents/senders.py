@@ -99,10 +99,11 @@ def alert_annotations(payload: Mapping[str, Any], url: str) -> dict[str, str]:
 
 
 def alertmanager_alert(
-    payload: Mapping[str, Any], *, transition: str, external_url: str, now: datetime
+    payload: Mapping[str, Any], *, transition: str, external_url: str, now: datetime,
+    horizon: timedelta = FIRING_HORIZON,
 ) -> dict[str, Any]:
     """The postableAlert for ``transition``: resolved ends at the incident's resolved_at (or
-    ``now`` if the snapshot lacks it), anything else at ``now + FIRING_HORIZON``."""
+    ``now`` if the snapshot lacks it), anything else at ``now + horizon``."""
     url = incident_url(external_url, int(payload["id"]))
     alert: dict[str, Any] = {
         "labels": alert_labels(payload),
@@ -114,8 +115,13 @@ def alertmanager_alert(
     if transition == "resolved":
         alert["endsAt"] = payload.get("resolved_at") or now.isoformat()
     else:
-        alert["endsAt"] = (now + FIRING_HORIZON).isoformat()
+        alert["endsAt"] = (now + horizon).isoformat()
     return alert
+
+
+def firing_horizon(target: AlertmanagerTarget) -> timedelta:
+    """How long a firing alert lasts in Alertmanager unless posted again (see resend_every)."""
+    return FIRING_HORIZON if target.resend_every is None else 4 * target.resend_every
 
 
 async def send_alertmanager(
@@ -135,7 +141,8 @@ async def send_alertmanager(
     """
     if transition == "acknowledged":
         return False
-    alert = alertmanager_alert(payload, transition=transition, external_url=external_url, now=now)
+    alert = alertmanager_alert(payload, transition=transition, external_url=external_url,
+                               now=now, horizon=firing_horizon(target))
     await _post(
         client,
         f"{target.url}/api/v2/alerts",

@@ -82,6 +82,18 @@ def _iso(epoch_us: int | None) -> str | None:
 def _snapshot(db: duckdb.DuckDBPyConnection, incident_id: int) -> dict[str, Any]:
     row = db.execute(_SNAPSHOT, [incident_id]).fetchone()
     assert row is not None
+    return _snapshot_of(row)
+
+
+def firing_snapshots(db: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    """Snapshots of the incidents open or acknowledged (whose alerts are firing)."""
+    rows = db.execute(
+        _SNAPSHOT.replace("WHERE id = ?", "WHERE status IN ('open', 'acknowledged') ORDER BY id")
+    ).fetchall()
+    return [_snapshot_of(row) for row in rows]
+
+
+def _snapshot_of(row: tuple[Any, ...]) -> dict[str, Any]:
     group = json.loads(row[8]) if row[8] else {}
     return {
         "id": row[0], "rule": row[1], "status": row[2], "severity": row[3], "owner": row[4],

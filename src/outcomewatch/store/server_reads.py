@@ -15,6 +15,7 @@ from typing import Any
 import duckdb
 
 from outcomewatch.model import OutboxRow
+from outcomewatch.store.incidents import firing_snapshots
 
 
 class ServerReads:
@@ -74,6 +75,14 @@ class ServerReads:
         )
         row = rows[0] if rows else None
         return row is not None and int(row[0]) > 0
+
+    def firing_incidents(self) -> list[dict[str, Any]]:
+        """Snapshots (as in the outbox payload) of the incidents open or acknowledged."""
+        cursor = self.conn.cursor()
+        try:
+            return firing_snapshots(cursor)
+        finally:
+            cursor.close()
 
     def schedule_progress(self) -> dict[str, datetime]:
         """Per scheduled rule, the time up to which its slots have been judged."""
