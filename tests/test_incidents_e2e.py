@@ -147,8 +147,11 @@ def test_a_receiver_that_fails_three_times_then_recovers_gets_each_notification_
     with world(tmp_path, fail_first=3) as w:
         w.failed_order()
         for attempt in range(1, 4):
-            w.server.wait_for(lambda a=attempt: w.webhook.refused >= a, what=f"attempt {attempt}")
-            failed = w.server.get("/api/v1/notifications", status="failed")["notifications"]
+            # Wait until the refusal is recorded (with its backoff counted from the current
+            # clock) before moving the clock past that backoff.
+            failed = w.server.wait_for(lambda a=attempt: [
+                n for n in w.server.get("/api/v1/notifications", status="failed")[
+                    "notifications"] if n["attempts"] == a], what=f"attempt {attempt}")
             assert [n["target"] for n in failed] == ["webhook"]
             w.server.advance(timedelta(minutes=5))  # past any backoff
         assert w.webhook_statuses(1) == [("firing", "opened")]

@@ -150,6 +150,7 @@ class RunFailed:
     first_received_ns: int  # lower bound of the trace's received_ns, to narrow the evidence query
     offending: tuple[Span, ...] = ()  # the forbidden or surplus spans that failed the run
     group: GroupValues = ()
+    last_received_ns: int = 0  # upper bound of the trace's received_ns so far (0: unknown)
 
 
 @dataclass(frozen=True, slots=True)

@@ -512,9 +512,12 @@ class Server:
         # whichever is earlier, the trigger's start or that first arrival, with a margin for
         # clock skew between the client and us.
         since = min(failure.trigger.start_ns, failure.first_received_ns) - _LOOKBACK_NS
+        # Up to the trace's newest span (spans arriving after the verdict are not evidence),
+        # with a margin: the bound only spares DuckDB the row groups of later traffic.
+        until = (failure.last_received_ns + _LOOKBACK_NS) if failure.last_received_ns else None
 
         def build() -> dict[str, Any]:  # off the loop: a big trace takes a while to decode
-            stored = store.trace_spans_since(failure.trace_id, since)
+            stored = store.trace_spans_since(failure.trace_id, since, until)
             spans = [decode_stored_span(raw, res, scope=scope) for raw, res, scope in stored]
             return failure_detail(rule, failure, spans)
 

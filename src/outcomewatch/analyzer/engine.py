@@ -209,6 +209,7 @@ class Engine:
             trace = live.get(trace_id)
             if trace is not None:
                 trace.last_seen = now
+                trace.last_received_ns = max(trace.last_received_ns, batch.received_ns)
         interest_of = self._interest.get
         links = self._correlation is not None
         for i, name in enumerate(batch.name):
@@ -232,6 +233,7 @@ class Engine:
             trace = self._live.get(span.trace_id)
             if trace is not None:
                 trace.last_seen = now
+                trace.last_received_ns = max(trace.last_received_ns, received_ns)
             interest = self._interest.get(span.name) or self._interest_in(span.name)
             if interest is not NO_INTEREST:
                 self._observe_span(span, interest, received_ns, now, events)
@@ -259,7 +261,8 @@ class Engine:
             return
         live = self._live.get(span.trace_id)
         if live is None:
-            live = self._live[span.trace_id] = LiveTrace(span.trace_id, now, received_ns)
+            live = self._live[span.trace_id] = LiveTrace(span.trace_id, now, received_ns,
+                                                         last_received_ns=received_ns)
             self._schedule(live, now + self._idle)
         for expect in expects:
             self._outcome(live, expect, span, now, events)
@@ -390,6 +393,7 @@ class Engine:
             run_id=run.run_id, rule=rule, trace_id=run.trace_id, trigger=run.trigger,
             opened_at=run.opened_at, closed_at=now, reason=verdict, missing=run.missing(),
             first_received_ns=live.first_received_ns, offending=offending, group=run.group,
+            last_received_ns=live.last_received_ns,
         ))
         self._late.remember(run, now)
 

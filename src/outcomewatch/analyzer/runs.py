@@ -303,6 +303,7 @@ class LiveTrace:
     waiting: dict[Expect, dict[str, OpenRun]] = field(default_factory=dict)
     held: int = 0  # kept spans + triggers of open runs
     had_run: bool = False  # once a run opened here, its outcomes no longer wait for a trigger
+    last_received_ns: int = 0  # when its newest span arrived (bounds the evidence query)
 
     def keep(self, what: Expect | Forbid, span: Span) -> int:
         kept = self.kept.get(what)
