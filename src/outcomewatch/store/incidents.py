@@ -40,6 +40,11 @@ _TRANSITIONS: dict[Action, tuple[tuple[str, ...], str, str]] = {
 }
 
 
+def applies_to(action: Action) -> tuple[str, ...]:
+    """The incident statuses ``action`` may start from."""
+    return _TRANSITIONS[action][0]
+
+
 @dataclass(frozen=True, slots=True)
 class IncidentFacts:
     """What the incident needs from the rule and the config, without the store importing them."""

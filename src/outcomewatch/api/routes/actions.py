@@ -15,18 +15,12 @@ from outcomewatch.api.deps import ActionsDep, IncidentActions, ReaderDep
 from outcomewatch.api.routes.v1 import IncidentId
 from outcomewatch.api.schemas import ErrorOut, IncidentDetailOut
 from outcomewatch.api.schemas_ops import ActionIn
-from outcomewatch.store.incidents import Action
+from outcomewatch.store.incidents import Action, applies_to
 from outcomewatch.store.queries import Reader
 
 router = APIRouter(tags=["incidents"])
 
 DEFAULT_ACTOR = "api"
-# The statuses each action applies to, for the 409 message (the store decides).
-APPLIES_TO: dict[Action, tuple[str, ...]] = {
-    Action.ACKNOWLEDGE: ("open",),
-    Action.RESOLVE: ("open", "acknowledged"),
-    Action.REOPEN: ("resolved",),
-}
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     # FastAPI's own answer to a body it cannot decode at all (e.g. not UTF-8); a body that is
     # not JSON, or JSON of the wrong shape, is 422.
@@ -54,7 +48,7 @@ async def _act(
         raise HTTPException(
             status.HTTP_409_CONFLICT,
             f"incident {incident_id} is {result.status}; {action.value} applies to: "
-            + ", ".join(APPLIES_TO[action]),
+            + ", ".join(applies_to(action)),
         )
     detail = await run_in_threadpool(reader.get_incident, incident_id)
     if detail is None:  # deleted in between: nothing else deletes incidents today
