@@ -23,6 +23,7 @@ from outcomewatch.api import create_app
 from outcomewatch.model import RunStatus
 from outcomewatch.store.queries import InvalidCursor, Reader
 from outcomewatch.store.schema import DDL
+from tests.api_support import get_ok
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 TRACE_A = "0af7651916cd43dd8448eb211c80319c"
@@ -176,12 +177,6 @@ def conn(tmp_path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
 @pytest.fixture
 def client(conn: duckdb.DuckDBPyConnection) -> TestClient:
     return TestClient(create_app(Reader(conn)))
-
-
-def get_ok(client: TestClient, url: str, **params: Any) -> Any:
-    response = client.get(url, params=params)
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def run_ids(body: dict[str, Any]) -> list[str]:

@@ -16,36 +16,15 @@ from fastapi.testclient import TestClient
 
 from outcomewatch.api import create_app
 from outcomewatch.api.deps import IncidentActions
-from outcomewatch.store.incidents import Action, ActionResult, act
 from outcomewatch.store.queries import Reader
 from outcomewatch.store.schema import DDL
+from tests.api_support import SqlActions
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 NOW = T0 + timedelta(hours=2)
 NOW_ISO = "2024-05-01T14:00:00Z"
 TARGETS = {"pager": ("alertmanager", "webhook"), "quiet": ()}
 OPEN, ACKNOWLEDGED, RESOLVED, QUIET = 1, 2, 3, 4
-
-
-class SqlActions:
-    """IncidentActions over the real lifecycle SQL, as the server's writer runs it."""
-
-    def __init__(self, conn: duckdb.DuckDBPyConnection) -> None:
-        self.conn = conn
-
-    async def __call__(
-        self, incident_id: int, action: Action, *, actor: str, comment: str | None
-    ) -> ActionResult:
-        with self.conn.cursor() as cur:
-            cur.begin()
-            try:
-                result = act(cur, incident_id, action, at=NOW, actor=actor, comment=comment,
-                             targets_for_route=TARGETS)
-            except BaseException:
-                cur.rollback()
-                raise
-            cur.commit()
-            return result
 
 
 @pytest.fixture
@@ -71,7 +50,7 @@ def conn(tmp_path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
 
 
 def app_client(conn: duckdb.DuckDBPyConnection, **options: Any) -> TestClient:
-    actions: IncidentActions = SqlActions(conn)
+    actions: IncidentActions = SqlActions(conn, at=NOW, targets_for_route=TARGETS)
     return TestClient(create_app(Reader(conn), actions=actions, **options))
 
 

@@ -47,9 +47,9 @@ from outcomewatch.api import create_app
 from outcomewatch.api.routes.rules import ReloadResult
 from outcomewatch.rules import RuleSet
 from outcomewatch.rules.load import load_rules
-from outcomewatch.store.incidents import Action, ActionResult, act
 from outcomewatch.store.queries import Reader
 from outcomewatch.store.schema import DDL
+from tests.api_support import SqlActions
 
 API_TOKEN = "fuzz-api-token"
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
@@ -181,27 +181,6 @@ def populate(conn: duckdb.DuckDBPyConnection) -> None:
     _insert_span(conn, child, "payments")
 
 
-class SqlActions:
-    """IncidentActions over the real lifecycle SQL, committed like the server's writer."""
-
-    def __init__(self, conn: duckdb.DuckDBPyConnection) -> None:
-        self.conn = conn
-
-    async def __call__(
-        self, incident_id: int, action: Action, *, actor: str, comment: str | None
-    ) -> ActionResult:
-        with self.conn.cursor() as cur:
-            cur.begin()
-            try:
-                result = act(cur, incident_id, action, at=NOW, actor=actor, comment=comment,
-                             targets_for_route=TARGETS)
-            except BaseException:
-                cur.rollback()
-                raise
-            cur.commit()
-            return result
-
-
 @dataclass
 class ExampleRules:
     """RulesAdmin over the example rules; a reload loads the files again."""
@@ -216,7 +195,8 @@ class ExampleRules:
 
 def build_app(conn: duckdb.DuckDBPyConnection) -> FastAPI:
     return create_app(
-        Reader(conn), actions=SqlActions(conn), api_token=API_TOKEN,
+        Reader(conn), actions=SqlActions(conn, at=NOW, targets_for_route=TARGETS),
+        api_token=API_TOKEN,
         rules=ExampleRules(load_rules([RULES_DIR]), NOW),
         metrics=lambda: b"# HELP outcomewatch_up 1 when up\noutcomewatch_up 1\n",
     )

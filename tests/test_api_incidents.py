@@ -18,6 +18,7 @@ from outcomewatch.api import create_app
 from outcomewatch.store.incidents import record_late_outcome
 from outcomewatch.store.queries import Reader
 from outcomewatch.store.schema import DDL
+from tests.api_support import get_ok
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 GROUPED, UNGROUPED, ODD = 1, 2, 3
@@ -86,12 +87,6 @@ def conn(tmp_path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
 @pytest.fixture
 def client(conn: duckdb.DuckDBPyConnection) -> TestClient:
     return TestClient(create_app(Reader(conn)))
-
-
-def get_ok(client: TestClient, url: str, **params: Any) -> Any:
-    response = client.get(url, params=params)
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def failure(client: TestClient, run_id: str, incident_id: int = GROUPED) -> Any:

@@ -1,124 +1,60 @@
-"""`outcomewatch serve` as a user runs it: a real process, real ports, real time (a short
---trace-idle, since a separate process cannot share an injected clock), a real DuckDB file that
-outlives the process."""
+"""`outcomewatch serve` as a user runs it (started by tests/processes.py): a real process, real
+ports, real time (a short --trace-idle, since a separate process cannot share an injected
+clock), a real DuckDB file that outlives the process."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
-import httpx
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from outcomewatch.cli import build_parser
-
-RULES = """
-rules:
-  - name: signup-welcomed
-    owner: growth
-    trigger: {span: signup.completed}
-    expect: [{span: welcome.sent}]
-"""
+from tests.processes import ServeProcess, serving
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def send_signup(server: ServeProcess) -> str:
+    """A signup trace with no welcome, through the official OTLP/gRPC exporter."""
+    provider = TracerProvider(resource=Resource.create({"service.name": "accounts"}))
+    provider.add_span_processor(SimpleSpanProcessor(
+        OTLPSpanExporter(endpoint=server.grpc_endpoint, insecure=True)))
+    with provider.get_tracer("t").start_as_current_span("signup.completed") as span:
+        pass
+    provider.shutdown()
+    return f"{span.get_span_context().trace_id:032x}"
 
 
-class Process:
-    def __init__(self, rules: Path, db: Path, trace_idle: str) -> None:
-        self.grpc, self.http, self.api = free_port(), free_port(), free_port()
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", "outcomewatch", "serve", "--rules", str(rules),
-             "--db", str(db), "--grpc", f"127.0.0.1:{self.grpc}",
-             "--http", f"127.0.0.1:{self.http}", "--api", f"127.0.0.1:{self.api}",
-             "--trace-idle", trace_idle],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.api}", timeout=10)
-        self.wait_for(self._healthy, "the server to be healthy")
-
-    def _healthy(self) -> bool:
-        if self.popen.poll() is not None:
-            raise AssertionError(f"server exited: {self.popen.stdout.read()}")  # type: ignore[union-attr]
-        try:
-            return self.client.get("/healthz").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    def wait_for(self, probe: Any, what: str, timeout_s: float = 30) -> Any:
-        give_up = time.monotonic() + timeout_s
-        while not (result := probe()):
-            if time.monotonic() > give_up:
-                raise AssertionError(f"gave up waiting for {what}")
-            time.sleep(0.05)
-        return result
-
-    def runs(self, trace_id: str) -> list[dict[str, Any]]:
-        runs: list[dict[str, Any]] = self.client.get(
-            "/api/v1/runs", params={"trace_id": trace_id}).json()["runs"]
-        return runs
-
-    def send_signup(self) -> str:
-        provider = TracerProvider(resource=Resource.create({"service.name": "accounts"}))
-        provider.add_span_processor(SimpleSpanProcessor(
-            OTLPSpanExporter(endpoint=f"127.0.0.1:{self.grpc}", insecure=True)))
-        with provider.get_tracer("t").start_as_current_span("signup.completed") as span:
-            pass
-        provider.shutdown()
-        return f"{span.get_span_context().trace_id:032x}"
-
-
-@contextmanager
-def serving(tmp_path: Path, trace_idle: str) -> Iterator[Process]:
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES)
-    process = Process(rules, tmp_path / "data" / "ow.duckdb", trace_idle)
-    try:
-        yield process
-    finally:
-        if process.popen.poll() is None:
-            process.popen.kill()
-        process.popen.wait(timeout=30)
-        process.client.close()
+def runs_of(server: ServeProcess, trace_id: str) -> list[dict[str, Any]]:
+    return server.runs(trace_id=trace_id)
 
 
 def test_serve_fails_a_run_whose_trace_goes_idle_and_exits_0_on_sigterm(tmp_path):
-    with serving(tmp_path, "300ms") as server:
-        trace_id = server.send_signup()
+    with serving(tmp_path, trace_idle="300ms") as server:
+        trace_id = send_signup(server)
         run = server.wait_for(
-            lambda: [r for r in server.runs(trace_id) if r["status"] == "failed"], "a verdict")[0]
+            lambda: [r for r in runs_of(server, trace_id) if r["status"] == "failed"],
+            "a verdict")[0]
         assert (run["reason"], run["missing"]) == ("trace_idle", ["welcome.sent"])
 
-        server.popen.send_signal(signal.SIGTERM)
-        assert server.popen.wait(timeout=30) == 0
+        assert server.terminate() == 0  # SIGTERM
 
 
 def test_a_run_open_when_the_process_is_killed_gets_exactly_one_verdict_after_restart(tmp_path):
-    with serving(tmp_path, "1h") as first:
-        trace_id = first.send_signup()
-        first.wait_for(lambda: first.runs(trace_id), "the run to be stored")
-        os.kill(first.popen.pid, signal.SIGKILL)
-        first.popen.wait(timeout=30)
+    with serving(tmp_path, trace_idle="1h") as first:
+        trace_id = send_signup(first)
+        first.wait_for(lambda: runs_of(first, trace_id), "the run to be stored")
+        first.kill9()
 
-    with serving(tmp_path, "300ms") as second:
+    with serving(tmp_path, trace_idle="300ms") as second:
         runs = second.wait_for(
-            lambda: [r for r in second.runs(trace_id) if r["status"] == "failed"], "a verdict")
+            lambda: [r for r in runs_of(second, trace_id) if r["status"] == "failed"],
+            "a verdict")
         assert len(runs) == 1
-        assert second.runs(trace_id) == runs
+        assert runs_of(second, trace_id) == runs
         incidents = second.client.get("/api/v1/incidents").json()["incidents"]
         assert [i["failure_count"] for i in incidents] == [1]
 

@@ -11,7 +11,7 @@ from typing import Any
 from opentelemetry.trace import Status, StatusCode
 
 from tests.harness import RunningServer, running_server, trace_id_of
-from tests.test_cli_serve import serving
+from tests.processes import serving
 
 ONE_RULE = """
 rules:
@@ -100,7 +100,7 @@ def test_a_valid_reload_through_the_api_answers_with_the_rule_count(tmp_path):
 
 
 def test_sighup_reloads_the_rules_of_a_running_process(tmp_path: Path):
-    with serving(tmp_path, "10s") as process:
+    with serving(tmp_path, trace_idle="10s") as process:
         rules = tmp_path / "rules.yaml"
         before = rules.stat()
         # The same size and modification time: the file watcher cannot notice, only SIGHUP.
