@@ -26,7 +26,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import Tracer
 
 from outcomewatch.clock import ManualClock
-from outcomewatch.server import Address, Server, Settings
+from outcomewatch.listeners import Address
+from outcomewatch.server import Server, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_RULES = ROOT / "rules" / "examples"

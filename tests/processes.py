@@ -30,7 +30,8 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
 from outcomewatch.clock import ManualClock
-from outcomewatch.server import Address, Server, Settings
+from outcomewatch.listeners import Address
+from outcomewatch.server import Server, Settings
 from tests.harness import RunningServer
 
 T = TypeVar("T")

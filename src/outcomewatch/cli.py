@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from outcomewatch.server import Address, Server, Settings
+    from outcomewatch.listeners import Address
+    from outcomewatch.server import Server, Settings
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -76,6 +76,19 @@ class Metrics:
             "--evidence-retention).",
             ["kind"], registry=r)
 
+    # What the pipeline and the rule source report; the counters behind them are this module's.
+
+    def run_opened(self, rule: str) -> None:
+        self.runs.labels(rule, "opened").inc()
+
+    def run_decided(self, rule: str, status: str, seconds: float) -> None:
+        """A verdict (``status`` passed or failed), ``seconds`` from the run's opening."""
+        self.runs.labels(rule, status).inc()
+        self.time_to_outcome.labels(rule, status).observe(seconds)
+
+    def rules_reloaded(self, *, ok: bool, at: float) -> None:
+        """A rule (re)load finished; ``at`` is unix seconds. Counted from the next round on."""
+
     def watch_open_incidents(self, count: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
         self.registry.register(_OpenIncidents(count))
 

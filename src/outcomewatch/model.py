@@ -121,6 +121,28 @@ class RunOpened:
     trigger_span_id: str
     opened_at: datetime
     deadline_at: datetime | None
+    # The trigger's scalar attribute values, as (key, text): the search index (customer ids,
+    # invoice ids, ...) so that "what happened to customer X?" is one indexed lookup.
+    keys: tuple[tuple[str, str], ...] = ()
+
+
+MAX_SEARCH_KEYS = 32  # per run
+MAX_SEARCH_VALUE = 256  # characters; longer values are not searchable ids
+
+
+def search_keys(attributes: Mapping[str, AttributeValue]) -> tuple[tuple[str, str], ...]:
+    """The attribute values worth finding a run by: strings, ints and bools, as text."""
+    keys: list[tuple[str, str]] = []
+    for key, value in attributes.items():
+        if isinstance(value, bool):
+            continue  # true/false finds nothing in particular
+        if isinstance(value, str | int) and value != "":
+            text = str(value)
+            if len(text) <= MAX_SEARCH_VALUE:
+                keys.append((key, text))
+                if len(keys) >= MAX_SEARCH_KEYS:
+                    break
+    return tuple(keys)
 
 
 # Values of a rule's group_by keys, in the rule's order; () for an ungrouped rule.

@@ -13,15 +13,13 @@ import asyncio
 import contextlib
 import logging
 import signal
-import socket
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import grpc
-import uvicorn
 from google.protobuf.internal import api_implementation
 from starlette.types import ASGIApp
 
@@ -34,6 +32,7 @@ from outcomewatch.clock import Clock, system_clock, to_ns
 from outcomewatch.config import NotifyConfig, load_config
 from outcomewatch.errors import RuleError
 from outcomewatch.incidents.notify import Notifier
+from outcomewatch.listeners import Address, EmbeddedUvicorn, serve_asgi
 from outcomewatch.metrics import Metrics
 from outcomewatch.model import (
     GroupValues,
@@ -56,15 +55,6 @@ from outcomewatch.store.queries import Reader
 log = logging.getLogger(__name__)
 
 _LOOKBACK_NS = 10 * 60 * 1_000_000_000
-
-
-@dataclass(frozen=True)
-class Address:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -95,23 +85,6 @@ class Settings:
     retention_interval: timedelta = timedelta(minutes=10)  # how often retention runs
 
 
-class _EmbeddedUvicorn(uvicorn.Server):
-    """A uvicorn server that leaves signals to us: two of them share the loop with gRPC."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-def _bind(address: Address) -> socket.socket:
-    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((address.host, address.port))
-    sock.set_inheritable(True)
-    return sock
-
-
 class Server:
     def __init__(self, settings: Settings, *, clock: Clock = system_clock) -> None:
         self.settings = settings
@@ -121,6 +94,7 @@ class Server:
         self._rule_files_seen = self._rule_files_signature()
         self.notify: NotifyConfig = load_config(settings.config)
         self.metrics = Metrics()
+        self.metrics.rules_reloaded(ok=True, at=self.loaded_at.timestamp())
         self.engine = self._new_engine({})
         self._evicted_seen = 0
         self.store: Store | None = None
@@ -128,7 +102,7 @@ class Server:
         self.http_port = 0
         self.api_port = 0
         self._grpc: grpc.aio.Server | None = None
-        self._uvicorns: list[_EmbeddedUvicorn] = []
+        self._uvicorns: list[EmbeddedUvicorn] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
         self._serving: list[asyncio.Task[None]] = []  # the uvicorn servers: stopped gracefully
@@ -232,11 +206,13 @@ class Server:
                 log.error("rule reload rejected, %d problem(s); the old rules keep running:\n%s",
                           len(exc.problems), exc)
                 self._rule_files_seen = signature
+                self.metrics.rules_reloaded(ok=False, at=self.clock().timestamp())
                 return ReloadResult(len(self.rules.rules), exc.problems, self.loaded_at)
             self.rules = rules
             self.engine.load_rules(rules)
             self.loaded_at = self.clock()
             self._rule_files_seen = signature
+            self.metrics.rules_reloaded(ok=True, at=self.loaded_at.timestamp())
             log.info("reloaded %d rules", len(rules.rules))
             self._warn_unrouted()
             return ReloadResult(len(rules.rules), (), self.loaded_at)
@@ -298,18 +274,11 @@ class Server:
         return Path(self.settings.tls_key).read_bytes(), Path(self.settings.tls_cert).read_bytes()
 
     async def _serve_asgi(self, app: ASGIApp, address: Address) -> int:
-        sock = _bind(address)
-        # Starlette's and uvicorn's ASGI type aliases spell the same protocol differently.
-        config = uvicorn.Config(
-            cast(Any, app), log_level="warning", access_log=False, lifespan="off",
-            ssl_certfile=self.settings.tls_cert, ssl_keyfile=self.settings.tls_key,
-        )
-        server = _EmbeddedUvicorn(config)
-        self._uvicorns.append(server)
-        self._serving.append(asyncio.create_task(server.serve(sockets=[sock])))
-        while not server.started:
-            await asyncio.sleep(0.01)
-        return int(sock.getsockname()[1])
+        serving = await serve_asgi(app, address, tls_cert=self.settings.tls_cert,
+                                   tls_key=self.settings.tls_key)
+        self._uvicorns.append(serving.server)
+        self._serving.append(serving.task)
+        return serving.port
 
     # -- retention ------------------------------------------------------------------------
 
@@ -415,13 +384,12 @@ class Server:
 
         for event in events:
             if isinstance(event, RunOpened):
-                self.metrics.runs.labels(event.rule, "opened").inc()
+                self.metrics.run_opened(event.rule)
                 opened.append(event)
                 continue
             if isinstance(event, RunPassed):
-                self.metrics.runs.labels(event.rule, "passed").inc()
-                self.metrics.time_to_outcome.labels(event.rule, "passed").observe(
-                    (event.closed_at - event.opened_at).total_seconds())
+                self.metrics.run_decided(event.rule, "passed",
+                                         (event.closed_at - event.opened_at).total_seconds())
                 passed.append(event)
                 continue
             flush()
@@ -429,9 +397,8 @@ class Server:
                 self.metrics.late_outcomes.labels(event.rule).inc()
                 self.store.record_late_outcomes([event])
             else:
-                self.metrics.runs.labels(event.rule, "failed").inc()
-                self.metrics.time_to_outcome.labels(event.rule, "failed").observe(
-                    (event.closed_at - event.opened_at).total_seconds())
+                self.metrics.run_decided(event.rule, "failed",
+                                         (event.closed_at - event.opened_at).total_seconds())
                 self._record_failure(event)
         flush()
 

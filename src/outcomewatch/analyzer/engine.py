@@ -104,6 +104,7 @@ from outcomewatch.model import (
     RunOpened,
     RunPassed,
     Span,
+    search_keys,
 )
 from outcomewatch.otlp import SpanBatch
 from outcomewatch.rules import RuleSet
@@ -330,7 +331,7 @@ class Engine:
         self._open += 1
         rule.open += 1
         events.append(RunOpened(run_id, rule.name, trigger.trace_id, trigger.span_id, now,
-                                deadline))
+                                deadline, search_keys(trigger.attributes)))
         for expect in rule.expects:
             kept = live.kept.get(expect)
             if kept is not None:

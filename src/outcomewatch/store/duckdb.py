@@ -54,6 +54,8 @@ _RUN_SCHEMA = pa.schema([
     ("opened_at", pa.timestamp("us", tz="UTC")), ("deadline_at", pa.timestamp("us", tz="UTC")),
 ])
 
+_KEY_SCHEMA = pa.schema([("run_id", pa.string()), ("key", pa.string()), ("value", pa.string())])
+
 _MAX_GROUP = 256  # jobs per transaction; bounds the latency one commit adds
 _CHECKPOINT_EVERY_S = 30.0
 _MAX_KNOWN_RESOURCES = 10_000
@@ -370,14 +372,25 @@ class Store(ServerReads):
             ],
             schema=_RUN_SCHEMA,
         )
+        keys = pa.Table.from_pylist(
+            [{"run_id": r.run_id, "key": k, "value": v} for r in opened for k, v in r.keys],
+            schema=_KEY_SCHEMA,
+        )
         self._writer.register("incoming_runs", incoming)
+        self._writer.register("incoming_keys", keys)
         try:
+            # Keys only of runs new in this statement: a re-sent trigger adds no second set.
+            self._writer.execute(
+                "INSERT INTO run_keys SELECT k.* FROM incoming_keys k WHERE k.run_id NOT IN "
+                "(SELECT id FROM runs WHERE id IN (SELECT id FROM incoming_runs))"
+            )
             self._writer.execute(
                 "INSERT INTO runs (id, rule, trace_id, trigger_span_id, status, opened_at, "
                 "deadline_at) SELECT * FROM incoming_runs ON CONFLICT DO NOTHING"
             )
         finally:
             self._writer.unregister("incoming_runs")
+            self._writer.unregister("incoming_keys")
 
     # -- the notification outbox (see incidents/notify.py) --------------------------------
 

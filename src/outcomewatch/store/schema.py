@@ -119,6 +119,15 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_error VARCHAR
 );
 
+-- The search index: trigger attribute values of each run (and evidence values of failed runs),
+-- written with the run, so "what happened to customer X?" never decodes a span.
+CREATE TABLE IF NOT EXISTS run_keys (
+    run_id VARCHAR NOT NULL,
+    key VARCHAR NOT NULL,
+    value VARCHAR NOT NULL
+);
+CREATE INDEX IF NOT EXISTS run_keys_value ON run_keys (value);
+
 -- One row per failed run. incident_id is NULL while flap control (open_after) holds the
 -- incident back; the failures are attached when it opens. ``detail`` is JSON:
 -- {"error_spans": [{"name", "service", "span_id", "status_message",
