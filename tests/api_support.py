@@ -41,3 +41,11 @@ class SqlActions:
                 raise
             cur.commit()
             return result
+
+
+def index_traces(conn: Any) -> None:
+    """Rebuild the traces table from spans inserted by hand (the writer keeps it at ingest)."""
+    from outcomewatch.store.schema import BACKFILL_TRACES
+
+    conn.execute("DELETE FROM traces")
+    conn.execute(BACKFILL_TRACES)

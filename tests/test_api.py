@@ -23,7 +23,7 @@ from outcomewatch.api import create_app
 from outcomewatch.model import RunStatus
 from outcomewatch.store.queries import InvalidCursor, Reader
 from outcomewatch.store.schema import DDL
-from tests.api_support import get_ok
+from tests.api_support import get_ok, index_traces
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 TRACE_A = "0af7651916cd43dd8448eb211c80319c"
@@ -68,6 +68,7 @@ FULL_DETAIL = {
         "name": "charge", "service": "payments", "span_id": CHILD, "kind": "client",
         "status": "error", "status_message": "card declined", "duration_ms": 12.5,
         "exceptions": [{"type": "CardError", "message": "declined", "stacktrace": "at charge()"}],
+        "attributes": {"http.response.status_code": 402},
     }],
     "green_signals": [{
         "name": "POST /checkout", "service": "checkout", "span_id": ROOT, "kind": "server",
@@ -123,6 +124,7 @@ def insert_span(conn: duckdb.DuckDBPyConnection, span: PbSpan, service: str,
          span.status.code, span.status.message, received_ns, span.SerializeToString(),
          resource_id],
     )
+    index_traces(conn)
 
 
 def insert_spans(conn: duckdb.DuckDBPyConnection) -> None:
@@ -352,11 +354,20 @@ def test_incident_failures_are_newest_first(client: TestClient) -> None:
 
 def test_a_failure_reads_its_fields_from_the_detail_json(client: TestClient) -> None:
     failure = get_ok(client, "/api/v1/incidents/1")["failures"][1]
-    assert failure == {
-        "run_id": "run-04", "trace_id": TRACE_A, "failed_at": "2024-05-01T12:08:00Z",
-        "reason": "deadline", "missing": ["email.sent"], **FULL_DETAIL,
-        "offending": [], "scheduled_at": None, "late_outcomes": [], "late_at": None,
-    }
+    stored = {"run_id": "run-04", "trace_id": TRACE_A, "failed_at": "2024-05-01T12:08:00Z",
+              "reason": "deadline", "missing": ["email.sent"], "trigger": FULL_DETAIL["trigger"],
+              "evidence": FULL_DETAIL["evidence"], "offending": [], "scheduled_at": None,
+              "late_outcomes": [], "late_at": None}
+    assert {key: failure[key] for key in stored} == stored
+
+
+def test_a_failure_takes_its_span_evidence_from_the_stored_trace(client: TestClient) -> None:
+    failure = get_ok(client, "/api/v1/incidents/1")["failures"][1]
+    assert failure["span_count"] == 3  # the spans of TRACE_A, each once
+    [error] = failure["error_spans"]
+    assert (error["name"], error["status_message"]) == ("charge", "card declined")
+    assert error["exceptions"][0]["type"] == "CardError"
+    assert failure["resource"]["host.name"] == "web-1"  # from the stored resources
 
 
 def test_a_failure_with_a_sparse_detail_gets_empty_values(client: TestClient) -> None:

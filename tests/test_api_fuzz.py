@@ -44,12 +44,12 @@ from schemathesis.checks import (
 )
 
 from outcomewatch.api import create_app
-from outcomewatch.api.routes.rules import ReloadResult
 from outcomewatch.rules import RuleSet
 from outcomewatch.rules.load import load_rules
+from outcomewatch.rules.source import ReloadResult
 from outcomewatch.store.queries import Reader
 from outcomewatch.store.schema import DDL
-from tests.api_support import SqlActions
+from tests.api_support import SqlActions, index_traces
 
 API_TOKEN = "fuzz-api-token"
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
@@ -130,6 +130,7 @@ def _insert_span(conn: duckdb.DuckDBPyConnection, span: PbSpan, service: str) ->
          span.kind, span.start_time_unix_nano, span.end_time_unix_nano, span.status.code,
          span.status.message, span.start_time_unix_nano, span.SerializeToString(), resource_id],
     )
+    index_traces(conn)
 
 
 def populate(conn: duckdb.DuckDBPyConnection) -> None:

@@ -1,6 +1,6 @@
 """What an incident shows beyond its row: group, description, timeline, late outcomes, offending
 spans and scheduled runs. Rows are inserted with SQL; late outcomes by the real
-store.incidents.record_late_outcome."""
+verdict writer (store.verdicts.write)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from outcomewatch.api import create_app
-from outcomewatch.store.incidents import record_late_outcome
+from outcomewatch.model import LateOutcome
+from outcomewatch.store import verdicts
 from outcomewatch.store.queries import Reader
 from outcomewatch.store.schema import DDL
 from tests.api_support import get_ok
@@ -79,7 +80,8 @@ def conn(tmp_path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
          (GROUPED, minutes(8), "resolved", "alice", "fixed"),
          (GROUPED, minutes(8), "reopened", "outcomewatch", "failed again")],
     )
-    record_late_outcome(connection, "run-a", "tenant.ready", at=minutes(20))
+    verdicts.write(connection, verdicts.VerdictBatch(
+        [LateOutcome("run-a", "provision", TRACE, "tenant.ready", minutes(20))]))
     yield connection
     connection.close()
 

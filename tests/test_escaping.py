@@ -27,25 +27,28 @@ import httpx
 import pytest
 import yaml
 from fastapi.testclient import TestClient
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Status
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
-from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
-from outcomewatch.analyzer.evidence import failure_detail, failure_summary
+from outcomewatch.analyzer.evidence import evidence_keys, failure_summary, verdict_detail
 from outcomewatch.analyzer.runs import group_values
 from outcomewatch.api import create_app
 from outcomewatch.clock import ManualClock
 from outcomewatch.config import load_config
 from outcomewatch.incidents import Notifier
+from outcomewatch.incidents.lifecycle import group_key
 from outcomewatch.model import FailureReason, RunFailed, Span
-from outcomewatch.offline.incidents import group_key
-from outcomewatch.otlp import decode_stored_span
+from outcomewatch.otlp import batch_from_request, decode_stored_span
+from outcomewatch.pipeline import policy_of
 from outcomewatch.rules import Rule
 from outcomewatch.rules.load import load_rules
-from outcomewatch.store.duckdb import IncidentFacts, Store
+from outcomewatch.store.duckdb import Store
 from outcomewatch.store.queries import Reader
 from outcomewatch.store.schema import DDL
+from outcomewatch.store.verdicts import Judged, VerdictBatch
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 TRACE = "0af7651916cd43dd8448eb211c80319c"
@@ -136,13 +139,48 @@ def trace_spans(customer: str | float) -> list[Span]:
             for s in (trigger, child)]
 
 
+def trace_request(customer: str | float) -> ExportTraceServiceRequest:
+    """The same two spans as one OTLP export, to store them as the server would."""
+    spans = trace_spans(customer)
+    resource = Resource(attributes=[_kv("service.name", "shop"), _kv("host.name", NASTY)])
+    pb = [PbSpan.FromString(_raw(s)) for s in spans]
+    return ExportTraceServiceRequest(resource_spans=[ResourceSpans(
+        resource=resource, scope_spans=[ScopeSpans(spans=pb)])])
+
+
+def _raw(span: Span) -> bytes:
+    """The serialised OTLP span of a decoded one (ids, times, status, attributes, events)."""
+    pb = PbSpan(
+        trace_id=bytes.fromhex(span.trace_id), span_id=bytes.fromhex(span.span_id),
+        parent_span_id=bytes.fromhex(span.parent_span_id) if span.parent_span_id else b"",
+        name=span.name, start_time_unix_nano=span.start_ns, end_time_unix_nano=span.end_ns,
+        attributes=[_kv(k, v) for k, v in span.attributes.items()
+                    if isinstance(v, str | int | float)],
+        events=[PbSpan.Event(name=e.name, time_unix_nano=e.time_ns,
+                             attributes=[_kv(k, v) for k, v in e.attributes.items()
+                                         if isinstance(v, str | int | float)])
+                for e in span.events],
+    )
+    if span.status.value == "error":
+        pb.status.CopyFrom(Status(code=Status.STATUS_CODE_ERROR, message=span.status_message))
+    return pb.SerializeToString()
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the incident was told about the failure."""
+
+    summary: str
+    group_key: str
+
+
 @dataclass
 class Delivery:
     """What one failed run produced: the incident, the captured requests, the stored rows."""
 
     store: Store
     rule: Rule
-    facts: IncidentFacts
+    facts: Facts
     incident_id: int
     requests: list[httpx.Request]
 
@@ -171,11 +209,11 @@ def fail_and_notify(tmp_path: Path, routes: dict[str, Any],
         missing=tuple(e.span for e in rule.expect), first_received_ns=0,
         group=group_values(rule, spans[0]),
     )
-    facts = IncidentFacts(
-        severity=rule.severity.value, owner=rule.owner, route=rule.route,
-        summary=failure_summary(rule, failure), description=rule.description,
-        group_key=group_key(failure.group), targets=config.targets_for(rule.route),
-    )
+    facts = Facts(failure_summary(rule, failure), group_key(failure.group))
+    batch = VerdictBatch(
+        [Judged(failure, facts.summary, verdict_detail(rule, failure),
+                evidence_keys(rule, failure))],
+        {rule.name: policy_of(rule, config)}, {rule.route: config.targets_for(rule.route)})
     requests: list[httpx.Request] = []
 
     def receive(request: httpx.Request) -> httpx.Response:
@@ -185,8 +223,9 @@ def fail_and_notify(tmp_path: Path, routes: dict[str, Any],
     store = Store(str(tmp_path / "outcomewatch.duckdb"))
 
     async def run() -> int | None:
-        incident_id = await store.record_failure(failure, facts,
-                                                 failure_detail(rule, failure, spans))
+        await store.append_spans(batch_from_request(trace_request(customer), received_ns=1))
+        written = await store.write_verdicts_and_wait(batch)
+        incident_id = written.transitions[0].incident_id if written.transitions else None
         clock = ManualClock(T0 + timedelta(minutes=6))
         async with httpx.AsyncClient(transport=httpx.MockTransport(receive)) as client:
             await Notifier(store, config, clock=clock, client=client).run_once()

@@ -20,8 +20,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Sp
 from outcomewatch import cli
 from outcomewatch.model import RunStatus
 from outcomewatch.offline.candidates import candidate_predicate, like_pattern
-from outcomewatch.offline.drive import Driver, Verdicts, at_ns, settle_horizon
-from outcomewatch.offline.incidents import IncidentBook
+from outcomewatch.offline.drive import Driver, IncidentBook, Verdicts, at_ns, settle_horizon
 from outcomewatch.offline.replay import replay
 from outcomewatch.otlp import SpanBatch, batch_from_request
 from outcomewatch.rules import RuleSet, load_rules

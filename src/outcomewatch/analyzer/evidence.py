@@ -1,4 +1,4 @@
-"""The incident file of one failed run, built from the whole stored trace.
+"""The incident file of one failed run, as far as the verdict knows it, and its summary line.
 
 An on-call person should not have to search logs: the failure carries the error spans with their
 status messages and exception events, the green signals that looked healthy, the rule's evidence
@@ -8,103 +8,54 @@ trigger span itself (its attributes are the retry context: the external ids to r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
-from outcomewatch.model import AttributeValue, RunFailed, Span, SpanStatus, span_kind_name
+from outcomewatch.incident_file import exceptions, span_summary
+from outcomewatch.model import AttributeValue, RunFailed, search_keys
 from outcomewatch.rules import Rule
 
-_MAX_ERROR_SPANS = 20
-_MAX_GREEN_SIGNALS = 20
 
-
-def _exceptions(span: Span) -> list[dict[str, Any]]:
-    return [
-        {
-            "type": e.attributes.get("exception.type"),
-            "message": e.attributes.get("exception.message"),
-            "stacktrace": e.attributes.get("exception.stacktrace"),
-        }
-        for e in span.events
-        if e.name == "exception"
-    ]
-
-
-def _is_green(span: Span) -> bool:
-    """A span that looked healthy: status OK, or an HTTP 2xx answer."""
-    if span.status is SpanStatus.OK:
-        return True
-    code = span.attributes.get("http.response.status_code", span.attributes.get("http.status_code"))
-    return isinstance(code, int) and not isinstance(code, bool) and 200 <= code < 300
-
-
-def _span_summary(span: Span) -> dict[str, Any]:
-    return {
-        "name": span.name,
-        "service": span.service,
-        "span_id": span.span_id,
-        "kind": span_kind_name(span.kind),
-        "status": span.status.value,
-        "status_message": span.status_message,
-        "duration_ms": max(span.end_ns - span.start_ns, 0) / 1e6,
-    }
-
-
-def evidence_values(rule: Rule, trigger: Span, spans: Sequence[Span]) -> dict[str, AttributeValue]:
-    """The rule's evidence keys: from the trigger span, else any span of the trace, else the
-    resource attributes. Keys found nowhere are left out rather than reported as null."""
-    found: dict[str, AttributeValue] = {}
-    for key in rule.evidence:
-        if key in trigger.attributes:
-            found[key] = trigger.attributes[key]
-            continue
-        for span in spans:
-            if key in span.attributes:
-                found[key] = span.attributes[key]
-                break
-        else:
-            for span in [trigger, *spans]:
-                if key in span.resource:
-                    found[key] = span.resource[key]
-                    break
-    return found
-
-
-def failure_detail(rule: Rule, failure: RunFailed, spans: Sequence[Span]) -> dict[str, Any]:
-    """JSON-ready detail of one failed run (the ``detail`` column of incident_failures)."""
+def verdict_detail(rule: Rule, failure: RunFailed) -> dict[str, Any]:
+    """What the verdict knows of a failed run in memory, stored with it (the ``detail`` column
+    of incident_failures); incident_file.complete adds the rest from the stored trace when the
+    incident file is read. Nothing here reads the trace: a failure costs the same whatever the
+    size of its trace or of the table."""
     trigger = failure.trigger
     if trigger is None:  # a scheduled run that never started: there is no trace to show
         return {"error_spans": [], "green_signals": [], "evidence": {}, "resource": {},
                 "trigger": {}, "scheduled_at": failure.opened_at.isoformat(),
                 "duration_ms": None, "span_count": 0, "offending": []}
-    errors = [s for s in spans if s.status is SpanStatus.ERROR or any(
-        e.name == "exception" for e in s.events)]
-    green = [s for s in spans if _is_green(s)]
-    resource: dict[str, AttributeValue] = {}
-    for span in [trigger, *spans]:
-        for key, value in span.resource.items():
-            resource.setdefault(key, value)
-    end = max((s.end_ns for s in spans), default=trigger.end_ns)
+    evidence: dict[str, AttributeValue] = {}
+    for key in rule.evidence:
+        if key in trigger.attributes:
+            evidence[key] = trigger.attributes[key]
     return {
-        "error_spans": [
-            {**_span_summary(s), "exceptions": _exceptions(s)} for s in errors[:_MAX_ERROR_SPANS]
-        ],
-        "green_signals": [_span_summary(s) for s in green[:_MAX_GREEN_SIGNALS]],
         "offending": [
-            {**_span_summary(s), "trace_id": s.trace_id, "attributes": dict(s.attributes),
-             "exceptions": _exceptions(s)}
+            {**span_summary(s), "trace_id": s.trace_id, "attributes": dict(s.attributes),
+             "exceptions": exceptions(s)}
             for s in failure.offending
         ],
-        "evidence": evidence_values(rule, trigger, spans),
-        "resource": resource,
+        "evidence": evidence,
+        "evidence_keys": list(rule.evidence),
+        "resource": dict(trigger.resource),
         "trigger": {
-            **_span_summary(trigger),
+            **span_summary(trigger),
             "trace_id": trigger.trace_id,
+            "start_ns": trigger.start_ns,
+            "end_ns": trigger.end_ns,
             "attributes": dict(trigger.attributes),
         },
-        "duration_ms": max(end - trigger.start_ns, 0) / 1e6,
-        "span_count": len(spans),
+        # The spans that are evidence: those of the trace received up to the verdict.
+        "received_until_ns": failure.last_received_ns,
     }
+
+
+def evidence_keys(rule: Rule, failure: RunFailed) -> tuple[tuple[str, str], ...]:
+    """The evidence values of the trigger, as search keys."""
+    if failure.trigger is None:
+        return ()
+    return search_keys({k: failure.trigger.attributes[k] for k in rule.evidence
+                        if k in failure.trigger.attributes})
 
 
 _WHY = {

@@ -186,17 +186,21 @@ def _datetime(obj: Mapping[str, Any], key: str) -> datetime | None:
 
 class ErrorSpanOut(SpanSummaryOut):
     exceptions: list[ExceptionOut]
+    attributes: dict[str, JsonValue] = Field(
+        default_factory=dict,
+        description="The span's attributes (the provider's response, HTTP status and body), at "
+                    "most 32, long strings cut at 2,048 characters.")
 
     @classmethod
     def from_detail(cls, obj: Mapping[str, Any]) -> ErrorSpanOut:
-        return cls(**SpanSummaryOut.fields_of(obj), exceptions=_exceptions(obj))
+        return cls(**SpanSummaryOut.fields_of(obj), exceptions=_exceptions(obj),
+                   attributes=_dict(obj, "attributes"))
 
 
 class OffendingSpanOut(ErrorSpanOut):
     """A span that failed the run by happening: a forbidden step, or one too many."""
 
     trace_id: str
-    attributes: dict[str, JsonValue]
 
     @classmethod
     def from_detail(cls, obj: Mapping[str, Any]) -> OffendingSpanOut:

@@ -78,3 +78,5 @@ class SpanOut(BaseModel):
 class TraceOut(BaseModel):
     trace_id: str
     spans: list[SpanOut] = Field(description="Each span once, ordered by start time.")
+    next_cursor: str | None = Field(
+        default=None, description="The next page's cursor; null on the last page.")

@@ -8,8 +8,10 @@ only where a scheduled slot's grace ends. Verdicts do not depend on the grid: ev
 a delivery is failed by the tick at that delivery's instant at the latest, grid or no grid. The
 grid only makes ``closed_at`` (and incident times) accurate to within one step.
 
-``Verdicts`` collects what the engine decided, one final verdict per run (as the store's
-conditional ``UPDATE ... WHERE status = 'open'`` keeps it), and feeds the incident book.
+``Verdicts`` collects what the engine decided, one final verdict per run (as the store claims
+it with a conditional ``UPDATE ... WHERE status = 'open'``), and feeds the incident book:
+``IncidentBook`` keeps every group's state in memory and applies the same lifecycle as the
+server (incidents/lifecycle.py), so replay and the server never disagree about an incident.
 """
 
 from __future__ import annotations
@@ -17,12 +19,24 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from outcomewatch.analyzer.engine import Engine
+from outcomewatch.analyzer.evidence import failure_summary
 from outcomewatch.clock import ManualClock
+from outcomewatch.incidents.lifecycle import (
+    GroupId,
+    GroupState,
+    Incident,
+    Lifecycle,
+    Policy,
+    group_key,
+    group_of,
+)
 from outcomewatch.model import (
     FailureReason,
     GroupValues,
+    IncidentStatus,
     LateOutcome,
     RunEvent,
     RunFailed,
@@ -30,7 +44,6 @@ from outcomewatch.model import (
     RunPassed,
     RunStatus,
 )
-from outcomewatch.offline.incidents import IncidentBook
 from outcomewatch.otlp import SpanBatch
 from outcomewatch.rules import RuleSet
 
@@ -61,6 +74,98 @@ class RunRecord:
     missing: tuple[str, ...] = ()
     group: GroupValues = ()
     late: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class BookIncident:
+    """An incident the verdicts would have opened, with the runs counted in it."""
+
+    incident: Incident
+    run_ids: list[str] = field(default_factory=list)
+    first_failure: datetime | None = None
+
+    @property
+    def rule(self) -> str:
+        return self.incident.rule
+
+    @property
+    def group(self) -> dict[str, Any]:
+        return group_of(self.incident.group_key)
+
+    @property
+    def status(self) -> IncidentStatus:
+        return self.incident.status
+
+    @property
+    def failure_count(self) -> int:
+        return self.incident.failure_count
+
+    @property
+    def opened_at(self) -> datetime:
+        return self.incident.opened_at
+
+    @property
+    def last_failure(self) -> datetime:
+        return self.incident.last_failure_at
+
+    @property
+    def resolved_at(self) -> datetime | None:
+        return self.incident.resolved_at
+
+
+class IncidentBook:
+    """The incidents a sequence of verdicts would open, in memory (no database). A person's
+    acknowledgements have no place here."""
+
+    def __init__(self, rules: RuleSet, *, reopen_window: timedelta | None = None) -> None:
+        self._rules = rules
+        self._reopen_window = reopen_window
+        self._states: dict[GroupId, GroupState] = {}
+        self._next = 0
+        self._failed_at: dict[str, datetime] = {}
+        self.incidents: list[BookIncident] = []
+
+    def _policy(self, rule_name: str) -> Policy:
+        rule = self._rules.by_name(rule_name)
+        if rule is None:
+            return Policy()
+        default = Policy()
+        return Policy(severity=rule.severity.value, owner=rule.owner, route=rule.route,
+                      description=rule.description, open_after=rule.open_after,
+                      resolve_after=rule.resolve_after,
+                      reopen_window=rule.reopen_within or self._reopen_window
+                      or default.reopen_window)
+
+    def _new_id(self) -> int:
+        self._next += 1
+        return self._next
+
+    def _apply(self, event: RunFailed | RunPassed) -> None:
+        lifecycle = Lifecycle(self._states, self._new_id)
+        group = (event.rule, group_key(event.group))
+        policy = self._policy(event.rule)
+        if isinstance(event, RunPassed):
+            lifecycle.passed(group, at=event.closed_at, policy=policy)
+        else:
+            rule = self._rules.by_name(event.rule)
+            summary = failure_summary(rule, event) if rule is not None else event.rule
+            lifecycle.failed(group, event.run_id, at=event.closed_at, summary=summary,
+                             policy=policy)
+        for incident_id in sorted(lifecycle.created):
+            self.incidents.append(BookIncident(lifecycle.changed[incident_id]))
+        by_id = {b.incident.id: b for b in self.incidents}
+        for run_id, incident_id in lifecycle.attached:
+            book = by_id[incident_id]
+            book.run_ids.append(run_id)
+            at = self._failed_at[run_id]
+            book.first_failure = at if book.first_failure is None else min(book.first_failure, at)
+
+    def failed(self, failure: RunFailed) -> None:
+        self._failed_at[failure.run_id] = failure.closed_at
+        self._apply(failure)
+
+    def passed(self, run: RunPassed) -> None:
+        self._apply(run)
 
 
 class Verdicts:

@@ -40,8 +40,15 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, Status
 from outcomewatch.errors import StoreError
 from outcomewatch.model import FailureReason, RunFailed, RunStatus
 from outcomewatch.offline.candidates import candidate_predicate, selectors
-from outcomewatch.offline.drive import Driver, RunRecord, Verdicts, at_ns, settle_horizon
-from outcomewatch.offline.incidents import Incident, IncidentBook
+from outcomewatch.offline.drive import (
+    BookIncident,
+    Driver,
+    IncidentBook,
+    RunRecord,
+    Verdicts,
+    at_ns,
+    settle_horizon,
+)
 from outcomewatch.otlp import batch_from_request
 from outcomewatch.rules import RuleSet
 
@@ -64,7 +71,7 @@ class ReplayStats:
 class ReplayReport:
     rules: RuleSet
     runs: list[RunRecord]
-    incidents: list[Incident]
+    incidents: list[BookIncident]
     stats: ReplayStats
     first_received: datetime | None = None
     last_received: datetime | None = None

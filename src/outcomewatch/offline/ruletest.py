@@ -34,14 +34,15 @@ import yaml
 
 from outcomewatch.errors import RuleError
 from outcomewatch.offline.drive import (
+    BookIncident,
     Driver,
+    IncidentBook,
     RunRecord,
     Verdicts,
     at_ns,
     ns_of,
     settle_horizon,
 )
-from outcomewatch.offline.incidents import Incident, IncidentBook
 from outcomewatch.offline.spans import (
     Planned,
     SpecError,
@@ -203,7 +204,7 @@ def _run_matches(expected: Item, actual: tuple[Item, RunRecord], labels: dict[st
     return True
 
 
-def _incident_item(incident: Incident) -> Item:
+def _incident_item(incident: BookIncident) -> Item:
     item: Item = {"rule": incident.rule}
     if incident.group:
         item["group"] = incident.group

@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -27,14 +27,12 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from outcomewatch import jsonsafe
 from outcomewatch.errors import Overloaded, StoreError
-from outcomewatch.model import LateOutcome, RunFailed, RunOpened, RunPassed
 from outcomewatch.otlp import SpanBatch
-from outcomewatch.store import incidents
-from outcomewatch.store.incidents import IncidentFacts
-from outcomewatch.store.schema import DDL, SCHEMA_VERSION
+from outcomewatch.store import incidents, verdicts
+from outcomewatch.store.schema import DDL, migrate
 from outcomewatch.store.server_reads import ServerReads
+from outcomewatch.store.verdicts import VerdictBatch
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +46,23 @@ _SPAN_SCHEMA = pa.schema([
 
 _RESOURCE_SCHEMA = pa.schema([("id", pa.int64()), ("resource", pa.binary())])
 
-_RUN_SCHEMA = pa.schema([
-    ("id", pa.string()), ("rule", pa.string()), ("trace_id", pa.string()),
-    ("trigger_span_id", pa.string()), ("status", pa.string()),
-    ("opened_at", pa.timestamp("us", tz="UTC")), ("deadline_at", pa.timestamp("us", tz="UTC")),
-])
 
-_KEY_SCHEMA = pa.schema([("run_id", pa.string()), ("key", pa.string()), ("value", pa.string())])
+_UPSERT_TRACES = """
+INSERT INTO traces
+SELECT trace_id, min(received_ns), max(received_ns), count(*), count(*) FILTER (status_code = 2),
+       min(start_ns), max(end_ns), arg_min(name, start_ns) FILTER (parent_span_id = ''),
+       arg_min(service, start_ns) FILTER (parent_span_id = '')
+FROM incoming_spans GROUP BY trace_id
+ON CONFLICT (trace_id) DO UPDATE SET
+    first_received_ns = least(traces.first_received_ns, excluded.first_received_ns),
+    last_received_ns = greatest(traces.last_received_ns, excluded.last_received_ns),
+    span_count = traces.span_count + excluded.span_count,
+    error_count = traces.error_count + excluded.error_count,
+    first_start_ns = least(traces.first_start_ns, excluded.first_start_ns),
+    last_end_ns = greatest(traces.last_end_ns, excluded.last_end_ns),
+    root_name = coalesce(excluded.root_name, traces.root_name),
+    root_service = coalesce(excluded.root_service, traces.root_service)
+"""
 
 _MAX_GROUP = 256  # jobs per transaction; bounds the latency one commit adds
 _CHECKPOINT_EVERY_S = 30.0
@@ -71,22 +79,12 @@ class _Job:
 
     spans: SpanBatch | None = None
     work: Work | None = None
+    verdicts: VerdictBatch | None = None
     done: Callable[[object], None] | None = None
 
 
 def _no_op(_: object) -> None:
     return None
-
-
-@dataclass(frozen=True, slots=True)
-class PassStreak:
-    """Passed runs of one rule and group in one go, for flap control (``resolve_after``)."""
-
-    rule: str
-    group_key: str
-    run_ids: tuple[str, ...]
-    resolve_after: int | None
-    targets: tuple[str, ...]
 
 
 class Store(ServerReads):
@@ -103,8 +101,7 @@ class Store(ServerReads):
             self.conn.execute("SET checkpoint_threshold = '1GB'")
             self.conn.execute("SET TimeZone = 'UTC'")
             self.conn.execute(DDL)
-            if self.conn.execute("SELECT count(*) FROM schema_version").fetchone() == (0,):
-                self.conn.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
+            migrate(self.conn)
             # DuckDB replays its WAL at open but does not checkpoint it: with frequent restarts
             # the WAL would only grow, and every start would replay more of it.
             self.conn.execute("CHECKPOINT")
@@ -154,40 +151,16 @@ class Store(ServerReads):
         """Commit ``batch``; return only once it is durable."""
         await self._submit_and_wait(_Job(spans=batch))
 
-    def record_runs(
-        self, opened: Sequence[RunOpened], passed: Sequence[RunPassed],
-        streaks: Sequence[PassStreak] = (),
-    ) -> None:
-        """Queue opened and passed runs; FIFO order keeps an open before its verdict."""
-        if opened or passed:
-            self.submit(lambda db: self._record_runs(db, opened, passed, streaks))
+    def write_verdicts(self, batch: VerdictBatch) -> None:
+        """Queue what the engine decided (see store/verdicts.py), in the engine's order: the
+        writer is FIFO, and consecutive batches in one transaction are written as one."""
+        if len(batch):
+            self._submit(_Job(verdicts=batch, done=_log_failure))
 
-    def record_late_outcomes(self, late: Sequence[LateOutcome]) -> None:
-        def record(db: duckdb.DuckDBPyConnection) -> None:
-            for outcome in late:
-                incidents.record_late_outcome(db, outcome.run_id, outcome.outcome, at=outcome.at)
-
-        if late:
-            self.submit(record)
-
-    def record_failure_now(self, failure: RunFailed, facts: IncidentFacts) -> None:
-        """Queue a failed verdict, counted in its incident (see store/incidents.py), in the
-        order the engine decided it; its evidence follows through ``attach_evidence``."""
-        self.submit(lambda db: incidents.record_failure(db, failure, facts, {}))
-
-    def attach_evidence(self, run_id: str, detail: dict[str, Any]) -> None:
-        """Queue the evidence of a failure already queued (a no-op if it was never stored)."""
-        self.submit(lambda db: db.execute(
-            "UPDATE incident_failures SET detail = ? WHERE run_id = ?",
-            [jsonsafe.dumps(detail), run_id]))
-
-    async def record_failure(
-        self, failure: RunFailed, facts: IncidentFacts, detail: dict[str, Any]
-    ) -> int | None:
-        """Store a failed verdict with its evidence and wait for it; returns the incident id,
-        or None if the run already had a verdict or flap control holds the incident back."""
-        result = await self.run(lambda db: incidents.record_failure(db, failure, facts, detail))
-        assert result is None or isinstance(result, int)
+    async def write_verdicts_and_wait(self, batch: VerdictBatch) -> verdicts.Written:
+        """``write_verdicts``, returning once committed with what it changed."""
+        result = await self._submit_and_wait(_Job(verdicts=batch))
+        assert isinstance(result, verdicts.Written)
         return result
 
     async def act(
@@ -280,7 +253,7 @@ class Store(ServerReads):
             batches = [j.spans for j in jobs if j.spans is not None and len(j.spans)]
             if batches:
                 self._insert_spans(batches)
-            results = [j.work(db) if j.work is not None else None for j in jobs]
+            results = self._run_work(db, jobs)
             db.commit()
         except BaseException:
             # A failed COMMIT has already ended the transaction: rolling back again would raise
@@ -291,35 +264,29 @@ class Store(ServerReads):
         self._on_commit(time.perf_counter() - started)
         return results
 
-    def _record_runs(
-        self, db: duckdb.DuckDBPyConnection, opened: Sequence[RunOpened],
-        passed: Sequence[RunPassed], streaks: Sequence[PassStreak],
-    ) -> None:
-        if opened:
-            self._insert_opened(opened)
-        stored: set[str] = set()
-        for run in passed:
-            # The open row may be missing (its write failed): a pass is stored all the same.
-            db.execute(
-                "INSERT INTO runs (id, rule, trace_id, trigger_span_id, status, opened_at) "
-                "VALUES (?, ?, ?, '', 'open', ?) ON CONFLICT DO NOTHING",
-                [run.run_id, run.rule, run.trace_id, run.opened_at])
-            row = db.execute(
-                "UPDATE runs SET status = 'passed', closed_at = ?, missing = [] "
-                "WHERE id = ? AND status = 'open' RETURNING id",
-                [run.closed_at, run.run_id],
-            ).fetchone()
-            if row is not None:
-                stored.add(run.run_id)
-        at = max((r.closed_at for r in passed), default=None)
-        for streak in streaks:
-            # Only passes stored now count: a run judged again (a re-sent trigger after the
-            # engine forgot it) must not count twice towards resolve_after.
-            passes = sum(1 for run_id in streak.run_ids if run_id in stored)
-            if at is not None and passes:
-                incidents.record_passes(
-                    db, streak.rule, streak.group_key, passes, at=at,
-                    resolve_after=streak.resolve_after, targets=streak.targets)
+    @staticmethod
+    def _run_work(db: duckdb.DuckDBPyConnection, jobs: list[_Job]) -> list[object]:
+        """Each job's work in order; consecutive verdict batches are merged and written once
+        (their jobs share the result)."""
+        results: list[object] = []
+        i = 0
+        while i < len(jobs):
+            job = jobs[i]
+            if job.verdicts is None:
+                results.append(job.work(db) if job.work is not None else None)
+                i += 1
+                continue
+            merged = VerdictBatch()
+            j = i
+            while j < len(jobs) and jobs[j].verdicts is not None:
+                batch = jobs[j].verdicts
+                assert batch is not None
+                merged.extend(batch)
+                j += 1
+            written = verdicts.write(db, merged)
+            results.extend([written] * (j - i))
+            i = j
+        return results
 
     def _insert_spans(self, batches: list[SpanBatch]) -> None:
         def column(name: str) -> list[Any]:
@@ -354,6 +321,7 @@ class Store(ServerReads):
         self._writer.register("incoming_spans", incoming)
         try:
             self._writer.execute("INSERT INTO spans SELECT * FROM incoming_spans")
+            self._writer.execute(_UPSERT_TRACES)
         finally:
             self._writer.unregister("incoming_spans")
         # Marked known before the commit: if the transaction rolls back, _commit_group clears
@@ -361,36 +329,6 @@ class Store(ServerReads):
         if len(self._known_resources) > _MAX_KNOWN_RESOURCES:
             self._known_resources.clear()
         self._known_resources.update(i for i, _ in new)
-
-    def _insert_opened(self, opened: Sequence[RunOpened]) -> None:
-        incoming = pa.Table.from_pylist(
-            [
-                {"id": r.run_id, "rule": r.rule, "trace_id": r.trace_id,
-                 "trigger_span_id": r.trigger_span_id, "status": "open",
-                 "opened_at": r.opened_at, "deadline_at": r.deadline_at}
-                for r in opened
-            ],
-            schema=_RUN_SCHEMA,
-        )
-        keys = pa.Table.from_pylist(
-            [{"run_id": r.run_id, "key": k, "value": v} for r in opened for k, v in r.keys],
-            schema=_KEY_SCHEMA,
-        )
-        self._writer.register("incoming_runs", incoming)
-        self._writer.register("incoming_keys", keys)
-        try:
-            # Keys only of runs new in this statement: a re-sent trigger adds no second set.
-            self._writer.execute(
-                "INSERT INTO run_keys SELECT k.* FROM incoming_keys k WHERE k.run_id NOT IN "
-                "(SELECT id FROM runs WHERE id IN (SELECT id FROM incoming_runs))"
-            )
-            self._writer.execute(
-                "INSERT INTO runs (id, rule, trace_id, trigger_span_id, status, opened_at, "
-                "deadline_at) SELECT * FROM incoming_runs ON CONFLICT DO NOTHING"
-            )
-        finally:
-            self._writer.unregister("incoming_runs")
-            self._writer.unregister("incoming_keys")
 
     # -- the notification outbox (see incidents/notify.py) --------------------------------
 
@@ -437,4 +375,4 @@ def _log_failure(result: object) -> None:
         log.error("storing run verdicts failed: %s", result)
 
 
-__all__ = ["IncidentFacts", "PassStreak", "Store"]
+__all__ = ["Store", "VerdictBatch"]

@@ -16,15 +16,17 @@ import base64
 import binascii
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 import duckdb
 
+from outcomewatch import incident_file
 from outcomewatch.errors import StoreError
 from outcomewatch.model import IncidentStatus, RunStatus, Severity, Span
 from outcomewatch.otlp import decode_stored_span
+from outcomewatch.store import traces
 
 T = TypeVar("T")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -358,7 +360,7 @@ class Reader:
             return None
         return IncidentDetail(
             _incident(rows[0]),
-            tuple(_failure(row) for row in failures),
+            tuple(self._completed(_failure(row)) for row in failures),
             tuple(TimelineEvent(_utc(at), kind, actor, comment)
                   for at, kind, actor, comment in timeline),
         )
@@ -374,19 +376,47 @@ class Reader:
             "FROM runs GROUP BY rule", []))
         return {str(r[0]): (int(r[1]), int(r[2]), int(r[3]), r[4], r[5]) for r in rows}
 
-    def get_trace(self, trace_id: str) -> list[Span] | None:
-        """Every span of the trace once, ordered by start time (ties by span_id), or None when
-        no span of it is stored.
+    def _completed(self, failure: FailureRow) -> FailureRow:
+        """The failure with the evidence of its stored trace (see incident_file.py). With no
+        span stored (retention deleted them; or a file of an earlier version, whose detail was
+        complete when written) the detail is returned as stored."""
+        if not failure.detail.get("trigger"):
+            return failure
+        until = failure.detail.get("received_until_ns")
+        spans = self.get_trace(failure.trace_id,
+                               until_ns=until if isinstance(until, int) else None)
+        if not spans:
+            return failure
+        return replace(failure, detail=incident_file.complete(failure.detail, spans))
 
-        A retried export stores a span twice; the first received copy wins.
-        """
-        [rows] = self._fetch((
-            "SELECT s.span, r.resource, s.scope FROM spans s"
-            " JOIN resources r ON r.id = s.resource_id WHERE s.trace_id = ?"
-            " QUALIFY row_number() OVER (PARTITION BY s.span_id ORDER BY s.received_ns) = 1"
-            " ORDER BY s.start_ns, s.span_id",
-            [trace_id],
-        ))
-        if not rows:
+    def get_trace(self, trace_id: str, *, until_ns: int | None = None) -> list[Span] | None:
+        """Every span of the trace once (received up to ``until_ns``), ordered by start time
+        (ties by span_id), or None when no span of it is stored. A retried export stores a span
+        twice; the first received copy wins."""
+        page = self.get_trace_page(trace_id, limit=None, until_ns=until_ns)
+        return None if page is None else list(page.items)
+
+    def get_trace_page(
+        self, trace_id: str, *, limit: int | None, cursor: str | None = None,
+        until_ns: int | None = None,
+    ) -> Page[Span] | None:
+        """``limit`` spans of the trace (all when None) after ``cursor``, by start time; None
+        when no span of it is stored. Found through the traces table (store/traces.py)."""
+        after = None
+        if cursor is not None:
+            start_ns, span_id = decode_cursor(cursor, str)
+            after = (start_ns, str(span_id))
+        try:
+            with self._conn.cursor() as cur:
+                rows = traces.span_rows(cur, trace_id, until_ns=until_ns, after=after,
+                                        limit=None if limit is None else limit + 1)
+        except duckdb.Error as exc:
+            raise StoreError(f"query failed: {exc}") from exc
+        if rows is None:
             return None
-        return [decode_stored_span(span, resource, scope=scope) for span, resource, scope in rows]
+        more = limit is not None and len(rows) > limit
+        rows = rows[:limit] if limit is not None else rows
+        spans = tuple(decode_stored_span(span, resource, scope=scope)
+                      for span, resource, scope, _, _ in rows)
+        last = rows[-1] if more else None
+        return Page(spans, encode_cursor(last[3], last[4]) if last is not None else None)

@@ -91,6 +91,17 @@ class _Window:
     evidence: int
 
 
+# A trace's row in ``traces`` goes with its newest span.
+_DELETE_TRACES_PLAIN = (
+    "DELETE FROM traces WHERE last_received_ns >= $lo AND last_received_ns < $hi "
+    f"AND last_received_ns < $cut AND trace_id NOT IN ({_OPEN}) AND trace_id NOT IN ({_EVIDENCE})"
+)
+_DELETE_TRACES_EVIDENCE = (
+    "DELETE FROM traces WHERE last_received_ns >= $lo AND last_received_ns < $hi "
+    f"AND last_received_ns < $cut AND trace_id NOT IN ({_OPEN}) AND trace_id IN ({_EVIDENCE})"
+)
+
+
 def _count(db: duckdb.DuckDBPyConnection, lo: int, hi: int) -> int:
     row = db.execute("SELECT count(*) FROM spans WHERE received_ns >= ? AND received_ns < ?",
                      [lo, hi]).fetchone()
@@ -121,6 +132,8 @@ def delete_window(
         return _Window(hi, 0, 0, 0)
     plain = _delete(db, _DELETE_PLAIN, lo, hi, spans_cut)
     evidence = _delete(db, _DELETE_EVIDENCE, lo, hi, evidence_cut)
+    _delete(db, _DELETE_TRACES_PLAIN, lo, hi, spans_cut)
+    _delete(db, _DELETE_TRACES_EVIDENCE, lo, hi, evidence_cut)
     return _Window(hi, looked_at, plain, evidence)
 
 

@@ -11,7 +11,9 @@ so it is stored once in ``resources``, keyed by a hash of its serialised bytes; 
 every span halved the insert rate.
 """
 
-SCHEMA_VERSION = 1
+import duckdb
+
+SCHEMA_VERSION = 2
 
 DDL = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -31,6 +33,21 @@ CREATE TABLE IF NOT EXISTS spans (
     received_ns BIGINT NOT NULL,
     span BLOB NOT NULL,
     resource_id BIGINT NOT NULL
+);
+
+-- One row per trace, kept up to date at ingest (one upsert per commit, by trace): finds a
+-- trace's spans by the window of received_ns it was stored in, so a lookup reads only the row
+-- groups of that window (spans are appended in received order) instead of scanning the table.
+CREATE TABLE IF NOT EXISTS traces (
+    trace_id VARCHAR PRIMARY KEY,
+    first_received_ns BIGINT NOT NULL,
+    last_received_ns BIGINT NOT NULL,
+    span_count BIGINT NOT NULL,
+    error_count BIGINT NOT NULL,
+    first_start_ns BIGINT NOT NULL,
+    last_end_ns BIGINT NOT NULL,
+    root_name VARCHAR,
+    root_service VARCHAR
 );
 
 CREATE TABLE IF NOT EXISTS resources (
@@ -73,7 +90,9 @@ CREATE TABLE IF NOT EXISTS incidents (
     description VARCHAR NOT NULL DEFAULT '',
     -- One open incident per rule and group: group_key is the JSON of the group_by values.
     group_key VARCHAR NOT NULL DEFAULT '',
-    acknowledged_at TIMESTAMPTZ
+    acknowledged_at TIMESTAMPTZ,
+    -- The latest opening or re-opening: alerts of this firing episode start here.
+    episode_started_at TIMESTAMPTZ
 );
 
 -- The incident's timeline: every transition, who made it, when and why.
@@ -98,6 +117,8 @@ CREATE TABLE IF NOT EXISTS rule_state (
     group_key VARCHAR NOT NULL,
     consecutive_failures INTEGER NOT NULL,
     consecutive_passes INTEGER NOT NULL,
+    -- Run ids of the current failure streak not attached to any incident yet (open_after).
+    held VARCHAR[] NOT NULL DEFAULT [],
     PRIMARY KEY (rule, group_key)
 );
 
@@ -145,4 +166,39 @@ CREATE TABLE IF NOT EXISTS incident_failures (
     detail JSON NOT NULL,
     group_key VARCHAR NOT NULL DEFAULT ''
 );
+CREATE INDEX IF NOT EXISTS incident_failures_incident ON incident_failures (incident_id);
 """
+
+# Files written by an earlier version: columns and tables added since, and the traces table
+# filled once from the stored spans. Each statement is idempotent.
+MIGRATIONS = (
+    "ALTER TABLE incidents ADD COLUMN IF NOT EXISTS episode_started_at TIMESTAMPTZ",
+    "ALTER TABLE rule_state ADD COLUMN IF NOT EXISTS held VARCHAR[] DEFAULT []",
+)
+
+BACKFILL_TRACES = """
+INSERT INTO traces
+SELECT trace_id, min(received_ns), max(received_ns), count(*),
+       count(*) FILTER (status_code = 2), min(start_ns), max(end_ns),
+       arg_min(name, start_ns) FILTER (parent_span_id = ''),
+       arg_min(service, start_ns) FILTER (parent_span_id = '')
+FROM spans GROUP BY trace_id
+ON CONFLICT DO NOTHING
+"""
+
+
+def migrate(db: duckdb.DuckDBPyConnection) -> None:
+    """Bring a file of any earlier version to SCHEMA_VERSION."""
+    row = db.execute("SELECT max(version) FROM schema_version").fetchone()
+    version = row[0] if row is not None else None
+    if version is None:
+        db.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
+        return
+    if version >= SCHEMA_VERSION:
+        return
+    for statement in MIGRATIONS:
+        db.execute(statement)
+    db.execute("UPDATE incidents SET episode_started_at = opened_at "
+               "WHERE episode_started_at IS NULL")
+    db.execute(BACKFILL_TRACES)
+    db.execute("UPDATE schema_version SET version = ?", [SCHEMA_VERSION])

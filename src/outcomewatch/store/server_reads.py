@@ -104,20 +104,3 @@ class ServerReads:
             [list(trace_ids)],
         )
         return [str(r[0]) for r in rows]
-
-    def trace_spans_since(
-        self, trace_id: str, since_ns: int, until_ns: int | None = None
-    ) -> list[tuple[bytes, bytes, str]]:
-        """Stored (span, resource, scope) blobs of a trace received in [since_ns, until_ns].
-
-        The received_ns bounds let DuckDB skip row groups by their min/max (zone maps): trace
-        ids are random, so without them every lookup would scan the whole table."""
-        rows = self._rows(
-            "SELECT s.span, r.resource, s.scope FROM spans s "
-            "JOIN resources r ON r.id = s.resource_id "
-            "WHERE s.received_ns BETWEEN ? AND ? AND s.trace_id = ? "
-            "QUALIFY row_number() OVER (PARTITION BY s.span_id ORDER BY s.received_ns) = 1 "
-            "ORDER BY s.start_ns",
-            [since_ns, until_ns if until_ns is not None else 2**63 - 1, trace_id],
-        )
-        return [(bytes(r[0]), bytes(r[1]), str(r[2])) for r in rows]

@@ -7,8 +7,7 @@ rule files change.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any, Protocol
 
@@ -18,17 +17,8 @@ from pydantic import BaseModel, Field
 
 from outcomewatch.api.deps import ReaderDep
 from outcomewatch.api.schemas import ErrorOut
-from outcomewatch.errors import Problem
 from outcomewatch.rules import Rule, RuleSet
-
-
-@dataclass(frozen=True)
-class ReloadResult:
-    """``problems`` is empty when the new rules were taken into use."""
-
-    rules: int
-    problems: Sequence[Problem]
-    loaded_at: datetime
+from outcomewatch.rules.source import ReloadResult
 
 
 class RulesAdmin(Protocol):

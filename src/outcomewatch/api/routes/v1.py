@@ -102,17 +102,23 @@ def get_incident(
     response_model=TraceOut,
     tags=["traces"],
     summary="Every stored span of a trace",
-    responses={404: {"model": ErrorOut, "description": "No span of this trace is stored."}},
+    responses={404: {"model": ErrorOut, "description": "No span of this trace is stored."},
+               **_BAD_CURSOR},
 )
 def get_trace(
     reader: ReaderDep,
     trace_id: Annotated[str, Path(pattern=TRACE_ID_PATTERN, description=_TRACE_ID_HELP)],
+    limit: Annotated[int, Query(ge=1, le=10_000, description="Spans per page.")] = 1000,
+    cursor: Cursor = None,
 ) -> TraceOut:
-    """The trace's spans, each once (retried exports de-duplicated), ordered by start time."""
-    spans = reader.get_trace(trace_id)
-    if spans is None:
+    """The trace's spans, each once (retried exports de-duplicated), ordered by start time
+    (ties by span id), ``limit`` per page: pass ``next_cursor`` back as ``cursor`` for the next
+    (null on the last page). A trace of up to 1000 spans is one page."""
+    page = reader.get_trace_page(trace_id, limit=limit, cursor=cursor)
+    if page is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"trace {trace_id} not found")
-    return TraceOut(trace_id=trace_id, spans=[SpanOut.from_span(s) for s in spans])
+    return TraceOut(trace_id=trace_id, spans=[SpanOut.from_span(s) for s in page.items],
+                    next_cursor=page.next_cursor)
 
 
 @router.get(

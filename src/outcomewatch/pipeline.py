@@ -1,0 +1,179 @@
+"""The verdict path: ingest -> commit -> observe -> one verdict batch per observe and per tick.
+
+``ingest(batch)`` commits the spans (the export may be acknowledged once it returns), then lets
+the engine observe them; what the engine decided goes to the writer as one VerdictBatch
+(store/verdicts.py writes it set-based, applying the incident lifecycle). ``tick()`` advances
+the engine's time the same way; it is synchronous and callable directly, so tests drive it
+instead of waiting for the server's loop, which only schedules it.
+
+The writer is FIFO, so batches are stored in the engine's order: a run's opening before its
+verdict, a pass never before an earlier failure of the same rule, a late outcome after its
+failed run. Failures carry what the verdict knows in memory (analyzer/evidence.py); the rest of
+the incident file is built from the stored trace when it is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from outcomewatch.analyzer.engine import Engine
+from outcomewatch.analyzer.evidence import evidence_keys, failure_summary, verdict_detail
+from outcomewatch.clock import Clock, to_ns
+from outcomewatch.config import NotifyConfig
+from outcomewatch.incidents.lifecycle import Policy
+from outcomewatch.metrics import Metrics
+from outcomewatch.model import LateOutcome, RunEvent, RunFailed, RunOpened, RunPassed
+from outcomewatch.otlp import SpanBatch, decode_stored_span
+from outcomewatch.rules import Rule, RuleSet
+from outcomewatch.store.verdicts import Judged, VerdictBatch
+
+log = logging.getLogger(__name__)
+
+
+class VerdictWriter(Protocol):
+    """What the pipeline needs of the store (the Store class, or a test's own)."""
+
+    async def append_spans(self, batch: SpanBatch) -> None: ...
+
+    def write_verdicts(self, batch: VerdictBatch) -> None: ...
+
+    def save_schedule_progress(self, progress: dict[str, datetime]) -> None: ...
+
+    def last_received_ns(self) -> int | None: ...
+
+    def recovery_spans(self, since_ns: int) -> list[tuple[bytes, bytes, str, int]]: ...
+
+    def decided_run_ids(self, trace_ids: Sequence[str]) -> list[str]: ...
+
+
+def policy_of(rule: Rule | None, notify: NotifyConfig) -> Policy:
+    """The lifecycle's view of a rule (a rule removed by a reload while its run was open is
+    still judged, with the defaults)."""
+    if rule is None:
+        return Policy(reopen_window=notify.reopen_window)
+    return Policy(
+        severity=rule.severity.value, owner=rule.owner, route=rule.route,
+        description=rule.description, open_after=rule.open_after,
+        resolve_after=rule.resolve_after,
+        reopen_window=rule.reopen_within or notify.reopen_window,
+    )
+
+
+def unloaded_summary(failure: RunFailed) -> str:
+    return (f"{failure.rule} (no longer loaded): {', '.join(failure.missing)} missing, "
+            f"reason {failure.reason.value}")
+
+
+class Pipeline:
+    def __init__(
+        self, engine: Engine, writer: VerdictWriter, *, rules: Callable[[], RuleSet],
+        notify: NotifyConfig, metrics: Metrics, clock: Clock,
+    ) -> None:
+        self.engine = engine
+        self.writer = writer
+        self._rules = rules
+        self.notify = notify
+        self.metrics = metrics
+        self._clock = clock
+        self._schedule_saved: dict[str, datetime] = {}
+        self._evicted_seen = 0
+
+    async def ingest(self, batch: SpanBatch) -> None:
+        """Commit ``batch``, then observe it; returns once the spans are durable."""
+        if len(batch):
+            # Shielded: a client that gives up (deadline, disconnect) while its spans commit
+            # must not leave them stored but never observed.
+            await asyncio.shield(self._commit_and_observe(batch))
+
+    async def _commit_and_observe(self, batch: SpanBatch) -> None:
+        await self.writer.append_spans(batch)
+        self.persist(self.engine.observe(batch))
+
+    def tick(self) -> None:
+        """Advance the engine to the clock's now and store what it decided."""
+        self.persist(self.engine.tick())
+        progress = self.engine.schedule_progress()
+        if progress != self._schedule_saved:
+            # Queued after the missed slots' failures (FIFO), so stored after them: a slot
+            # reported twice is harmless (deterministic run ids), one lost is not.
+            self.writer.save_schedule_progress(progress)
+            self._schedule_saved = progress
+        self.metrics.evicted_traces.inc(self.engine.evicted_traces - self._evicted_seen)
+        self._evicted_seen = self.engine.evicted_traces
+        self.metrics.live_traces.set(self.engine.live_traces)
+        self.metrics.open_runs.set(self.engine.open_runs)
+
+    def persist(self, events: Sequence[RunEvent]) -> None:
+        """Queue ``events`` to the writer as one batch (counted in the metrics)."""
+        if events:
+            self.writer.write_verdicts(self.batch(events))
+
+    def batch(self, events: Sequence[RunEvent]) -> VerdictBatch:
+        rules = self._rules()
+        batch = VerdictBatch()
+        for event in events:
+            if isinstance(event, RunOpened):
+                self.metrics.run_opened(event.rule)
+                batch.events.append(event)
+                continue
+            if isinstance(event, LateOutcome):
+                self.metrics.late_outcomes.labels(event.rule).inc()
+                batch.events.append(event)
+                continue
+            rule = rules.by_name(event.rule)
+            if event.rule not in batch.policies:
+                policy = batch.policies[event.rule] = policy_of(rule, self.notify)
+                batch.targets[policy.route] = self.notify.targets_for(policy.route)
+            seconds = (event.closed_at - event.opened_at).total_seconds()
+            if isinstance(event, RunPassed):
+                self.metrics.run_decided(event.rule, "passed", seconds)
+                batch.events.append(Judged(event))
+                continue
+            self.metrics.run_decided(event.rule, "failed", seconds)
+            if rule is None:
+                batch.events.append(Judged(event, unloaded_summary(event)))
+            else:
+                batch.events.append(Judged(event, failure_summary(rule, event),
+                                           verdict_detail(rule, event),
+                                           evidence_keys(rule, event)))
+        return batch
+
+    def recovery_window(self, trace_idle: timedelta) -> timedelta:
+        """How far back a restart reads spans again: the idle time, and long enough for the
+        triggers of schedule slots not yet judged and for outcomes still awaited (a rule's
+        ``within``: held outcome spans, correlated ones included)."""
+        window = trace_idle
+        for rule in self._rules().rules:
+            if rule.schedule is not None:
+                window = max(window, 2 * rule.schedule.grace)
+            if rule.within is not None:
+                window = max(window, rule.within)
+        return window
+
+    async def recover(self, trace_idle: timedelta) -> None:
+        """Rebuild live traces and open runs from the database, so that a restart (even after
+        kill -9) neither forgets a run nor gives a verdict twice: verdicts already stored are
+        skipped, and storing is idempotent (run ids derive from the trigger span, verdicts are
+        claimed)."""
+        window = int(self.recovery_window(trace_idle).total_seconds() * 1e9)
+        # Back from now, and back from the last span stored: the process may have been down for
+        # longer than the window, and the verdict writes of the last exports it acknowledged
+        # (queued after their spans' commit) may never have been committed.
+        now = to_ns(self._clock())
+        last = await asyncio.to_thread(self.writer.last_received_ns)
+        since = min(now, last if last is not None else now)
+        rows = await asyncio.to_thread(self.writer.recovery_spans, since - window)
+        if not rows:
+            return
+        spans = [(decode_stored_span(raw, res, scope=scope), received)
+                 for raw, res, scope, received in rows]
+        decided = await asyncio.to_thread(
+            self.writer.decided_run_ids, sorted({span.trace_id for span, _ in spans}))
+        self.engine.forget_closed(decided)
+        self.persist(self.engine.replay(spans))
+        log.info("recovered %d spans: %d live traces, %d open runs",
+                 len(spans), self.engine.live_traces, self.engine.open_runs)

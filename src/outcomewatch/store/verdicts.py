@@ -1,0 +1,432 @@
+"""A verdict batch written set-based: everything the engine decided between two writes, stored
+with a handful of statements over Arrow tables in the writer's transaction.
+
+    1. runs: one INSERT ... ON CONFLICT DO NOTHING RETURNING id of every run the batch names, with
+       its final status when the batch decides it (a run opened and judged in one batch costs one
+       row written); then one UPDATE ... FROM ... WHERE status = 'open' RETURNING id for the
+       verdicts of runs stored open earlier. A verdict is *claimed* when one of the two returns
+       it; only claimed verdicts count, so a verdict given twice (a restart, a re-sent trigger)
+       counts once, as healthchecks claims work with a conditional update.
+    2. the states of the (rule, group) pairs the claimed verdicts touch: one SELECT of their
+       flap-control streaks, one of their latest incidents.
+    3. the lifecycle (incidents/lifecycle.py, pure) applies the claimed verdicts in order.
+    4. writes: streaks upserted, incidents upserted, failures inserted (with the incident they
+       count in), runs' incident ids, timeline rows, outbox rows (one per transition and target),
+       search keys, late outcomes.
+
+So a batch costs a fixed number of statements plus one per new incident (its id), whatever the
+number of runs in it; the statement costs grow with the (rule, group) pairs touched.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from outcomewatch import jsonsafe
+from outcomewatch.incidents.lifecycle import (
+    GroupId,
+    GroupState,
+    Incident,
+    Lifecycle,
+    Policy,
+    Transition,
+    group_key,
+)
+from outcomewatch.model import (
+    IncidentStatus,
+    LateOutcome,
+    RunFailed,
+    RunOpened,
+    RunPassed,
+)
+
+log = logging.getLogger(__name__)
+
+_TS = pa.timestamp("us", tz="UTC")
+_RUNS = pa.schema([
+    ("id", pa.string()), ("rule", pa.string()), ("trace_id", pa.string()),
+    ("trigger_span_id", pa.string()), ("status", pa.string()), ("opened_at", _TS),
+    ("deadline_at", _TS), ("closed_at", _TS), ("reason", pa.string()),
+    ("missing", pa.list_(pa.string())), ("group_key", pa.string()),
+])
+_KEYS = pa.schema([("run_id", pa.string()), ("key", pa.string()), ("value", pa.string())])
+_GROUPS = pa.schema([("rule", pa.string()), ("group_key", pa.string())])
+_STATES = pa.schema([
+    ("rule", pa.string()), ("group_key", pa.string()), ("consecutive_failures", pa.int32()),
+    ("consecutive_passes", pa.int32()), ("held", pa.list_(pa.string())),
+])
+_INCIDENTS = pa.schema([
+    ("id", pa.int64()), ("rule", pa.string()), ("status", pa.string()),
+    ("severity", pa.string()), ("owner", pa.string()), ("route", pa.string()),
+    ("opened_at", _TS), ("last_failure_at", _TS), ("failure_count", pa.int32()),
+    ("summary", pa.string()), ("resolved_at", _TS), ("description", pa.string()),
+    ("group_key", pa.string()), ("acknowledged_at", _TS), ("episode_started_at", _TS),
+])
+INCIDENT_COLUMNS = ", ".join(_INCIDENTS.names)
+_FAILURES = pa.schema([
+    ("incident_id", pa.int64()), ("run_id", pa.string()), ("rule", pa.string()),
+    ("trace_id", pa.string()), ("failed_at", _TS), ("reason", pa.string()),
+    ("missing", pa.list_(pa.string())), ("detail", pa.string()), ("group_key", pa.string()),
+])
+_EVENTS = pa.schema([
+    ("incident_id", pa.int64()), ("occurred_at", _TS), ("kind", pa.string()),
+    ("actor", pa.string()), ("comment", pa.string()),
+])
+_OUTBOX = pa.schema([
+    ("incident_id", pa.int64()), ("transition", pa.string()), ("target", pa.string()),
+    ("route", pa.string()), ("payload", pa.string()), ("created_at", _TS),
+])
+_ATTACHED = pa.schema([("run_id", pa.string()), ("incident_id", pa.int64())])
+_LATE = pa.schema([("id", pa.string()), ("outcomes", pa.list_(pa.string())), ("at", _TS)])
+
+
+@dataclass(frozen=True, slots=True)
+class Judged:
+    """A verdict ready to store, with what the pipeline knows of it in memory."""
+
+    verdict: RunPassed | RunFailed
+    summary: str = ""  # failures: one line for lists and notifications
+    detail: Mapping[str, Any] = field(default_factory=dict)  # failures: in-memory evidence
+    keys: tuple[tuple[str, str], ...] = ()  # evidence values to find the run by
+
+
+BatchEvent = RunOpened | Judged | LateOutcome
+
+
+@dataclass
+class VerdictBatch:
+    """What the engine decided between two writes, in its order, with the lifecycle's policy
+    of every rule named (by rule name) and the notification targets of every route."""
+
+    events: list[BatchEvent] = field(default_factory=list)
+    policies: dict[str, Policy] = field(default_factory=dict)
+    targets: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def extend(self, other: VerdictBatch) -> None:
+        self.events.extend(other.events)
+        self.policies.update(other.policies)
+        self.targets.update(other.targets)
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """What a batch changed: claimed verdicts (by run id) and the transitions made."""
+
+    claimed: frozenset[str]
+    transitions: tuple[Transition, ...]
+
+
+def _table(db: duckdb.DuckDBPyConnection, name: str, rows: list[dict[str, Any]],
+           schema: pa.Schema) -> None:
+    db.register(name, pa.Table.from_pylist(rows, schema=schema))
+
+
+def _unregister(db: duckdb.DuckDBPyConnection, *names: str) -> None:
+    for name in names:
+        db.unregister(name)
+
+
+def write(db: duckdb.DuckDBPyConnection, batch: VerdictBatch) -> Written:
+    """Store ``batch`` on ``db`` (inside the caller's transaction)."""
+    runs, keys, verdicts = _run_rows(batch.events)
+    claimed = _claim(db, runs, keys, verdicts)
+    lifecycle = Lifecycle(_load_states(db, verdicts, claimed), lambda: _next_id(db))
+    failures: list[dict[str, Any]] = []
+    keys_of_failures: list[dict[str, Any]] = []
+    for judged in verdicts:
+        verdict = judged.verdict
+        if verdict.run_id not in claimed:
+            continue
+        group = (verdict.rule, group_key(verdict.group))
+        policy = batch.policies.get(verdict.rule, Policy())
+        if isinstance(verdict, RunPassed):
+            lifecycle.passed(group, at=verdict.closed_at, policy=policy)
+            continue
+        incident_id = lifecycle.failed(group, verdict.run_id, at=verdict.closed_at,
+                                       summary=judged.summary, policy=policy)
+        failures.append({
+            "incident_id": incident_id, "run_id": verdict.run_id, "rule": verdict.rule,
+            "trace_id": verdict.trace_id, "failed_at": verdict.closed_at,
+            "reason": verdict.reason.value, "missing": list(verdict.missing),
+            "detail": jsonsafe.dumps(dict(judged.detail)), "group_key": group[1],
+        })
+        keys_of_failures.extend({"run_id": verdict.run_id, "key": k, "value": v}
+                                for k, v in judged.keys)
+    _write_lifecycle(db, lifecycle, failures, batch.targets)
+    if keys_of_failures:
+        _table(db, "incoming_failure_keys", keys_of_failures, _KEYS)
+        db.execute("INSERT INTO run_keys SELECT * FROM incoming_failure_keys")
+        _unregister(db, "incoming_failure_keys")
+    late = [e for e in batch.events if isinstance(e, LateOutcome)]
+    if late:
+        _record_late(db, late)
+    for transition in lifecycle.transitions:
+        incident = lifecycle.changed[transition.incident_id]
+        log.info("incident %d %s: rule %s, group %s: %s", transition.incident_id,
+                 transition.kind, incident.rule, incident.group_key or "(none)",
+                 transition.comment or incident.summary)
+    return Written(frozenset(claimed), tuple(lifecycle.transitions))
+
+
+def _run_rows(
+    events: Sequence[BatchEvent],
+) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], list[Judged]]:
+    """One row per run named (its final state within the batch), the search keys of opened runs,
+    and the verdicts, first one per run, in order."""
+    runs: dict[str, dict[str, Any]] = {}
+    keys: list[dict[str, Any]] = []
+    verdicts: list[Judged] = []
+    decided: set[str] = set()
+    for event in events:
+        if isinstance(event, RunOpened):
+            if event.run_id not in runs:
+                runs[event.run_id] = {
+                    "id": event.run_id, "rule": event.rule, "trace_id": event.trace_id,
+                    "trigger_span_id": event.trigger_span_id, "status": "open",
+                    "opened_at": event.opened_at, "deadline_at": event.deadline_at,
+                    "closed_at": None, "reason": None, "missing": [], "group_key": "",
+                }
+                keys.extend({"run_id": event.run_id, "key": k, "value": v}
+                            for k, v in event.keys)
+        elif isinstance(event, Judged):
+            verdict = event.verdict
+            if verdict.run_id in decided:
+                continue
+            decided.add(verdict.run_id)
+            verdicts.append(event)
+            row = runs.get(verdict.run_id)
+            if row is None:  # opened in an earlier batch (or its open was never stored)
+                trigger = verdict.trigger.span_id if (
+                    isinstance(verdict, RunFailed) and verdict.trigger is not None) else ""
+                row = runs[verdict.run_id] = {
+                    "id": verdict.run_id, "rule": verdict.rule, "trace_id": verdict.trace_id,
+                    "trigger_span_id": trigger, "opened_at": verdict.opened_at,
+                    "deadline_at": None,
+                }
+            failed = isinstance(verdict, RunFailed)
+            row.update(
+                status="failed" if failed else "passed", closed_at=verdict.closed_at,
+                reason=verdict.reason.value if isinstance(verdict, RunFailed) else None,
+                missing=list(verdict.missing) if isinstance(verdict, RunFailed) else [],
+                group_key=group_key(verdict.group),
+            )
+    return runs, keys, verdicts
+
+
+def _claim(
+    db: duckdb.DuckDBPyConnection, runs: dict[str, dict[str, Any]], keys: list[dict[str, Any]],
+    verdicts: list[Judged],
+) -> set[str]:
+    """Insert the runs not stored yet and close the open ones the batch decides; the run ids
+    whose verdict this call stored."""
+    if not runs:
+        return set()
+    _table(db, "incoming_runs", list(runs.values()), _RUNS)
+    _table(db, "incoming_keys", keys, _KEYS)
+    try:
+        inserted = {row[0] for row in db.execute(
+            "INSERT INTO runs (id, rule, trace_id, trigger_span_id, status, opened_at, "
+            "deadline_at, closed_at, reason, missing, group_key) "
+            "SELECT * FROM incoming_runs ON CONFLICT DO NOTHING RETURNING id").fetchall()}
+        if keys and inserted:
+            # Keys only of runs new in this statement: a re-sent trigger adds no second set.
+            db.execute("INSERT INTO run_keys SELECT * FROM incoming_keys WHERE list_contains(?, "
+                       "run_id)", [sorted(inserted)])
+        decided = {j.verdict.run_id for j in verdicts}
+        claimed = decided & inserted
+        pending = decided - inserted
+        if pending:
+            claimed |= {row[0] for row in db.execute(
+                "UPDATE runs SET status = v.status, closed_at = v.closed_at, reason = v.reason, "
+                "missing = v.missing, group_key = v.group_key FROM incoming_runs v "
+                "WHERE runs.id = v.id AND v.status <> 'open' AND runs.status = 'open' "
+                "RETURNING runs.id").fetchall()}
+    finally:
+        _unregister(db, "incoming_runs", "incoming_keys")
+    return claimed
+
+
+def _next_id(db: duckdb.DuckDBPyConnection) -> int:
+    [(value,)] = db.execute("SELECT nextval('incident_ids')").fetchall()
+    return int(value)
+
+
+def incident_of(row: Sequence[Any]) -> Incident:
+    """An ``incidents`` row, selected as ``INCIDENT_COLUMNS``."""
+    (id_, rule, status, severity, owner, route, opened_at, last_failure_at, failure_count,
+     summary, resolved_at, description, key, acknowledged_at, episode_started_at) = row
+    return Incident(
+        int(id_), rule, key, IncidentStatus(status), severity, owner, route, summary,
+        description, opened_at, last_failure_at, int(failure_count), resolved_at,
+        acknowledged_at, episode_started_at)
+
+
+def _load_states(
+    db: duckdb.DuckDBPyConnection, verdicts: list[Judged], claimed: set[str]
+) -> dict[GroupId, GroupState]:
+    groups = sorted({(j.verdict.rule, group_key(j.verdict.group)) for j in verdicts
+                     if j.verdict.run_id in claimed})
+    if not groups:
+        return {}
+    _table(db, "touched_groups", [{"rule": r, "group_key": g} for r, g in groups], _GROUPS)
+    try:
+        streaks = db.execute(
+            "SELECT s.rule, s.group_key, consecutive_failures, consecutive_passes, held "
+            "FROM rule_state s JOIN touched_groups USING (rule, group_key)").fetchall()
+        latest = db.execute(
+            f"SELECT {', '.join('i.' + c for c in _INCIDENTS.names)} FROM incidents i "
+            "JOIN touched_groups USING (rule, group_key) "
+            "QUALIFY row_number() OVER (PARTITION BY i.rule, i.group_key ORDER BY i.id DESC) = 1"
+        ).fetchall()
+    finally:
+        _unregister(db, "touched_groups")
+    states = {(rule, key): GroupState(int(failures), int(passes), list(held or []))
+              for rule, key, failures, passes, held in streaks}
+    for row in latest:
+        incident = incident_of(row)
+        states.setdefault((incident.rule, incident.group_key), GroupState()).incident = incident
+    return states
+
+
+def _write_lifecycle(
+    db: duckdb.DuckDBPyConnection, lifecycle: Lifecycle, failures: list[dict[str, Any]],
+    targets: Mapping[str, tuple[str, ...]],
+) -> None:
+    names: list[str] = []
+    try:
+        if lifecycle.touched:
+            names.append("incoming_states")
+            _table(db, "incoming_states", [
+                {"rule": rule, "group_key": key, "consecutive_failures": s.failures,
+                 "consecutive_passes": s.passes, "held": s.held}
+                for (rule, key) in sorted(lifecycle.touched)
+                for s in (lifecycle.states[(rule, key)],)
+            ], _STATES)
+            db.execute(
+                "INSERT INTO rule_state SELECT * FROM incoming_states ON CONFLICT (rule, "
+                "group_key) DO UPDATE SET consecutive_failures = excluded.consecutive_failures, "
+                "consecutive_passes = excluded.consecutive_passes, held = excluded.held")
+        if lifecycle.changed:
+            names.append("incoming_incidents")
+            _table(db, "incoming_incidents", [_incident_row(i) for i in
+                                              lifecycle.changed.values()], _INCIDENTS)
+            db.execute(
+                f"INSERT INTO incidents ({INCIDENT_COLUMNS}) SELECT * FROM incoming_incidents "
+                "ON CONFLICT (id) DO UPDATE SET status = excluded.status, "
+                "last_failure_at = excluded.last_failure_at, "
+                "failure_count = excluded.failure_count, summary = excluded.summary, "
+                "resolved_at = excluded.resolved_at, acknowledged_at = excluded.acknowledged_at,"
+                " episode_started_at = excluded.episode_started_at")
+        if failures:
+            names.append("incoming_failures")
+            _table(db, "incoming_failures", failures, _FAILURES)
+            db.execute("INSERT INTO incident_failures SELECT * FROM incoming_failures")
+        if lifecycle.attached:
+            names.append("incoming_attached")
+            _table(db, "incoming_attached", [{"run_id": r, "incident_id": i}
+                                             for r, i in lifecycle.attached], _ATTACHED)
+            # Failures held back by open_after in earlier batches join their incident now.
+            new = {f["run_id"] for f in failures}
+            earlier = [r for r, _ in lifecycle.attached if r not in new]
+            if earlier:
+                db.execute(
+                    "UPDATE incident_failures SET incident_id = a.incident_id FROM "
+                    "incoming_attached a WHERE incident_failures.run_id = a.run_id "
+                    "AND incident_failures.incident_id IS NULL AND list_contains(?, a.run_id)",
+                    [earlier])
+            db.execute("UPDATE runs SET incident_id = a.incident_id FROM incoming_attached a "
+                       "WHERE runs.id = a.run_id")
+        if lifecycle.transitions:
+            names.append("incoming_events")
+            _table(db, "incoming_events", [
+                {"incident_id": t.incident_id, "occurred_at": t.at, "kind": t.kind,
+                 "actor": t.actor, "comment": t.comment} for t in lifecycle.transitions
+            ], _EVENTS)
+            db.execute("INSERT INTO incident_events SELECT * FROM incoming_events")
+            outbox = outbox_rows(lifecycle.transitions, targets)
+            if outbox:
+                names.append("incoming_outbox")
+                _table(db, "incoming_outbox", outbox, _OUTBOX)
+                db.execute(
+                    "INSERT INTO outbox (incident_id, transition, target, route, payload, "
+                    "status, created_at, next_attempt_at) SELECT incident_id, transition, "
+                    "target, route, payload, 'pending', created_at, created_at "
+                    "FROM incoming_outbox")
+    finally:
+        _unregister(db, *names)
+
+
+def _incident_row(incident: Incident) -> dict[str, Any]:
+    return {
+        "id": incident.id, "rule": incident.rule, "status": incident.status.value,
+        "severity": incident.severity, "owner": incident.owner, "route": incident.route,
+        "opened_at": incident.opened_at, "last_failure_at": incident.last_failure_at,
+        "failure_count": incident.failure_count, "summary": incident.summary,
+        "resolved_at": incident.resolved_at, "description": incident.description,
+        "group_key": incident.group_key, "acknowledged_at": incident.acknowledged_at,
+        "episode_started_at": incident.episode_started_at,
+    }
+
+
+def outbox_rows(
+    transitions: Sequence[Transition], targets: Mapping[str, tuple[str, ...]]
+) -> list[dict[str, Any]]:
+    """One outbox row per transition and target of its incident's route, each carrying the
+    incident as it was at that transition."""
+    rows: list[dict[str, Any]] = []
+    for t in transitions:
+        route = str(t.snapshot["route"])
+        payload = jsonsafe.dumps(t.snapshot | {"transition": t.kind, "comment": t.comment,
+                                               "actor": t.actor})
+        rows.extend({"incident_id": t.incident_id, "transition": t.kind, "target": target,
+                     "route": route, "payload": payload, "created_at": t.at}
+                    for target in targets.get(route, ()))
+    return rows
+
+
+def _record_late(db: duckdb.DuckDBPyConnection, late: list[LateOutcome]) -> None:
+    """Outcomes that arrived after their run's verdict: kept on the run and in its incident's
+    timeline (once per run and outcome); the failure stands."""
+    ids = sorted({e.run_id for e in late})
+    current = {row[0]: (row[1], list(row[2])) for row in db.execute(
+        "SELECT id, incident_id, late_outcomes FROM runs WHERE status = 'failed' AND "
+        "list_contains(?, id)", [ids]).fetchall()}
+    updates: dict[str, tuple[list[str], datetime]] = {}
+    events: list[dict[str, Any]] = []
+    for event in late:
+        if event.run_id not in current:
+            continue
+        incident_id, outcomes = current[event.run_id]
+        if event.outcome in outcomes:
+            continue
+        outcomes.append(event.outcome)
+        updates[event.run_id] = (outcomes, event.at)
+        if incident_id is not None:
+            events.append({"incident_id": int(incident_id), "occurred_at": event.at,
+                           "kind": "late_outcome", "actor": "outcomewatch",
+                           "comment": f"{event.outcome} arrived after run {event.run_id} "
+                                      "failed"})
+    if updates:
+        _table(db, "incoming_late", [{"id": run_id, "outcomes": outcomes, "at": at}
+                                     for run_id, (outcomes, at) in updates.items()], _LATE)
+        try:
+            db.execute("UPDATE runs SET late_outcomes = l.outcomes, late_at = l.at FROM "
+                       "incoming_late l WHERE runs.id = l.id")
+        finally:
+            _unregister(db, "incoming_late")
+    if events:
+        _table(db, "incoming_late_events", events, _EVENTS)
+        try:
+            db.execute("INSERT INTO incident_events SELECT * FROM incoming_late_events")
+        finally:
+            _unregister(db, "incoming_late_events")
