@@ -42,9 +42,9 @@ from outcomewatch.incidents import Notifier
 from outcomewatch.incidents.lifecycle import group_key
 from outcomewatch.model import FailureReason, RunFailed, Span
 from outcomewatch.otlp import batch_from_request, decode_stored_span
-from outcomewatch.pipeline import policy_of
 from outcomewatch.rules import Rule
 from outcomewatch.rules.load import load_rules
+from outcomewatch.rules.policy import policy_of
 from outcomewatch.store.duckdb import Store
 from outcomewatch.store.queries import Reader
 from outcomewatch.store.schema import DDL
@@ -213,7 +213,8 @@ def fail_and_notify(tmp_path: Path, routes: dict[str, Any],
     batch = VerdictBatch(
         [Judged(failure, facts.summary, verdict_detail(rule, failure),
                 evidence_keys(rule, failure))],
-        {rule.name: policy_of(rule, config)}, {rule.route: config.targets_for(rule.route)})
+        {rule.name: policy_of(rule, reopen_window=config.reopen_window)},
+        {rule.route: config.targets_for(rule.route)})
     requests: list[httpx.Request] = []
 
     def receive(request: httpx.Request) -> httpx.Response:

@@ -92,7 +92,7 @@ def store_batches(db: Path, batches: list[SpanBatch]) -> None:
 
 def stream(rule_set: RuleSet, batches: list[SpanBatch]) -> dict[str, tuple[Any, ...]]:
     """What the server's engine decides: batches in arrival order, clock = arrival, ticking."""
-    verdicts = Verdicts(IncidentBook(rule_set))
+    verdicts = Verdicts(IncidentBook.for_rules(rule_set))
     driver = Driver(rule_set, idle=IDLE, start=at_ns(batches[0].received_ns),
                     grid=timedelta(milliseconds=100), verdicts=verdicts)
     for batch in batches:

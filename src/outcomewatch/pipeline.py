@@ -24,11 +24,11 @@ from outcomewatch.analyzer.engine import Engine
 from outcomewatch.analyzer.evidence import evidence_keys, failure_summary, verdict_detail
 from outcomewatch.clock import Clock, to_ns
 from outcomewatch.config import NotifyConfig
-from outcomewatch.incidents.lifecycle import Policy
 from outcomewatch.metrics import Metrics
 from outcomewatch.model import LateOutcome, RunEvent, RunFailed, RunOpened, RunPassed
 from outcomewatch.otlp import SpanBatch, decode_stored_span
-from outcomewatch.rules import Rule, RuleSet
+from outcomewatch.rules import RuleSet
+from outcomewatch.rules.policy import policy_of
 from outcomewatch.store.verdicts import Judged, VerdictBatch
 
 log = logging.getLogger(__name__)
@@ -48,19 +48,6 @@ class VerdictWriter(Protocol):
     def recovery_spans(self, since_ns: int) -> list[tuple[bytes, bytes, str, int]]: ...
 
     def decided_run_ids(self, trace_ids: Sequence[str]) -> list[str]: ...
-
-
-def policy_of(rule: Rule | None, notify: NotifyConfig) -> Policy:
-    """The lifecycle's view of a rule (a rule removed by a reload while its run was open is
-    still judged, with the defaults)."""
-    if rule is None:
-        return Policy(reopen_window=notify.reopen_window)
-    return Policy(
-        severity=rule.severity.value, owner=rule.owner, route=rule.route,
-        description=rule.description, open_after=rule.open_after,
-        resolve_after=rule.resolve_after,
-        reopen_window=rule.reopen_within or notify.reopen_window,
-    )
 
 
 def unloaded_summary(failure: RunFailed) -> str:
@@ -126,7 +113,8 @@ class Pipeline:
                 continue
             rule = rules.by_name(event.rule)
             if event.rule not in batch.policies:
-                policy = batch.policies[event.rule] = policy_of(rule, self.notify)
+                policy = batch.policies[event.rule] = policy_of(
+                    rule, reopen_window=self.notify.reopen_window)
                 batch.targets[policy.route] = self.notify.targets_for(policy.route)
             seconds = (event.closed_at - event.opened_at).total_seconds()
             if isinstance(event, RunPassed):

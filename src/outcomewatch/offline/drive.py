@@ -30,6 +30,7 @@ from outcomewatch.incidents.lifecycle import (
     Incident,
     Lifecycle,
     Policy,
+    Transition,
     group_key,
     group_of,
 )
@@ -46,6 +47,7 @@ from outcomewatch.model import (
 )
 from outcomewatch.otlp import SpanBatch
 from outcomewatch.rules import RuleSet
+from outcomewatch.rules.policy import policy_of
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ONE_US = timedelta(microseconds=1)
@@ -117,24 +119,23 @@ class IncidentBook:
     """The incidents a sequence of verdicts would open, in memory (no database). A person's
     acknowledgements have no place here."""
 
-    def __init__(self, rules: RuleSet, *, reopen_window: timedelta | None = None) -> None:
-        self._rules = rules
-        self._reopen_window = reopen_window
+    def __init__(self, policy: Callable[[str], Policy],
+                 summary: Callable[[RunFailed], str] = lambda failure: failure.rule) -> None:
+        self._policy = policy
+        self._summary = summary
         self._states: dict[GroupId, GroupState] = {}
         self._next = 0
         self._failed_at: dict[str, datetime] = {}
         self.incidents: list[BookIncident] = []
+        self.transitions: list[Transition] = []
 
-    def _policy(self, rule_name: str) -> Policy:
-        rule = self._rules.by_name(rule_name)
-        if rule is None:
-            return Policy()
-        default = Policy()
-        return Policy(severity=rule.severity.value, owner=rule.owner, route=rule.route,
-                      description=rule.description, open_after=rule.open_after,
-                      resolve_after=rule.resolve_after,
-                      reopen_window=rule.reopen_within or self._reopen_window
-                      or default.reopen_window)
+    @classmethod
+    def for_rules(cls, rules: RuleSet) -> IncidentBook:
+        def summary(failure: RunFailed) -> str:
+            rule = rules.by_name(failure.rule)
+            return failure_summary(rule, failure) if rule is not None else failure.rule
+
+        return cls(lambda name: policy_of(rules.by_name(name)), summary)
 
     def _new_id(self) -> int:
         self._next += 1
@@ -147,10 +148,9 @@ class IncidentBook:
         if isinstance(event, RunPassed):
             lifecycle.passed(group, at=event.closed_at, policy=policy)
         else:
-            rule = self._rules.by_name(event.rule)
-            summary = failure_summary(rule, event) if rule is not None else event.rule
-            lifecycle.failed(group, event.run_id, at=event.closed_at, summary=summary,
-                             policy=policy)
+            lifecycle.failed(group, event.run_id, at=event.closed_at,
+                             summary=self._summary(event), policy=policy)
+        self.transitions.extend(lifecycle.transitions)
         for incident_id in sorted(lifecycle.created):
             self.incidents.append(BookIncident(lifecycle.changed[incident_id]))
         by_id = {b.incident.id: b for b in self.incidents}

@@ -209,7 +209,7 @@ def replay(
             return report
         first, last = at_ns(int(row[2])), at_ns(int(row[3]))
         keep = _covered(rules, last)
-        verdicts = Verdicts(IncidentBook(rules), keep_failure=keep)
+        verdicts = Verdicts(IncidentBook.for_rules(rules), keep_failure=keep)
         driver = Driver(rules, idle=idle, start=first, grid=grid, verdicts=verdicts)
         touch_name = _touch_name(rules)
         candidates_sql, touches_sql, params = queries(rules, with_template=touch_name is None)

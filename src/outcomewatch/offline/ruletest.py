@@ -167,7 +167,7 @@ class _Case:
             raise SpecError(f"{where}: give expect_runs or expect_incidents (or both)")
 
     def run(self) -> Verdicts:
-        verdicts = Verdicts(IncidentBook(self.rules))
+        verdicts = Verdicts(IncidentBook.for_rules(self.rules))
         driver = Driver(self.rules, idle=self.idle, start=self.start, grid=GRID,
                         verdicts=verdicts)
         for planned in sorted(self.planned, key=lambda p: (p.deliver_ns, -p.depth, p.order)):

@@ -108,6 +108,10 @@ class Store(ServerReads):
         except duckdb.Error as exc:
             raise StoreError(f"cannot open database {path}: {exc}") from exc
         self._max_queue = max_queue
+        # Verdict events queued but not yet committed; over the bound, exports are refused.
+        self._max_pending_verdicts = max(64, max_queue) * 64
+        self._pending_verdicts = 0
+        self._pending_lock = threading.Lock()
         self._on_commit = on_commit or (lambda seconds: None)
         self._known_resources: set[int] = set()
         self._queue: queue.Queue[_Job | None] = queue.Queue()
@@ -121,8 +125,16 @@ class Store(ServerReads):
     def _submit(self, job: _Job) -> None:
         # Only incoming spans are refused when the writer falls behind (the exporter retries
         # them); verdicts are never refused, and their number is bounded by the open runs.
-        if job.spans is not None and self._queue.qsize() >= self._max_queue:
-            raise Overloaded("storage queue is full", retry_after_s=1.0)
+        if job.spans is not None:
+            if self._queue.qsize() >= self._max_queue:
+                raise Overloaded("storage queue is full", retry_after_s=1.0)
+            # Verdicts are never refused (their number is bounded by the open runs), but a
+            # backlog of them counts: new spans would only make it grow.
+            if self._pending_verdicts >= self._max_pending_verdicts:
+                raise Overloaded("verdict backlog is full", retry_after_s=1.0)
+        if job.verdicts is not None:
+            with self._pending_lock:
+                self._pending_verdicts += len(job.verdicts)
         self._queue.put_nowait(job)
 
     async def _submit_and_wait(self, job: _Job) -> object:
@@ -211,6 +223,10 @@ class Store(ServerReads):
                     break
                 jobs.append(more)
             self._commit_group(jobs)
+            settled = sum(len(j.verdicts) for j in jobs if j.verdicts is not None)
+            if settled:
+                with self._pending_lock:
+                    self._pending_verdicts -= settled
             if stop:
                 return
             if self._queue.empty() and time.monotonic() - last_checkpoint > _CHECKPOINT_EVERY_S:
@@ -264,8 +280,7 @@ class Store(ServerReads):
         self._on_commit(time.perf_counter() - started)
         return results
 
-    @staticmethod
-    def _run_work(db: duckdb.DuckDBPyConnection, jobs: list[_Job]) -> list[object]:
+    def _run_work(self, db: duckdb.DuckDBPyConnection, jobs: list[_Job]) -> list[object]:
         """Each job's work in order; consecutive verdict batches are merged and written once
         (their jobs share the result)."""
         results: list[object] = []

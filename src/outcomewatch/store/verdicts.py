@@ -140,6 +140,7 @@ def write(db: duckdb.DuckDBPyConnection, batch: VerdictBatch) -> Written:
     """Store ``batch`` on ``db`` (inside the caller's transaction)."""
     runs, keys, verdicts = _run_rows(batch.events)
     claimed = _claim(db, runs, keys, verdicts)
+    claimed -= _counted_already(db, verdicts, claimed)
     lifecycle = Lifecycle(_load_states(db, verdicts, claimed), lambda: _next_id(db))
     failures: list[dict[str, Any]] = []
     keys_of_failures: list[dict[str, Any]] = []
@@ -152,16 +153,20 @@ def write(db: duckdb.DuckDBPyConnection, batch: VerdictBatch) -> Written:
         if isinstance(verdict, RunPassed):
             lifecycle.passed(group, at=verdict.closed_at, policy=policy)
             continue
-        incident_id = lifecycle.failed(group, verdict.run_id, at=verdict.closed_at,
-                                       summary=judged.summary, policy=policy)
+        lifecycle.failed(group, verdict.run_id, at=verdict.closed_at, summary=judged.summary,
+                         policy=policy)
         failures.append({
-            "incident_id": incident_id, "run_id": verdict.run_id, "rule": verdict.rule,
+            "incident_id": None, "run_id": verdict.run_id, "rule": verdict.rule,
             "trace_id": verdict.trace_id, "failed_at": verdict.closed_at,
             "reason": verdict.reason.value, "missing": list(verdict.missing),
             "detail": jsonsafe.dumps(dict(judged.detail)), "group_key": group[1],
         })
         keys_of_failures.extend({"run_id": verdict.run_id, "key": k, "value": v}
                                 for k, v in judged.keys)
+    # Attached now or later in this batch (a held failure joins the incident its streak opens).
+    attached = dict(lifecycle.attached)
+    for failure in failures:
+        failure["incident_id"] = attached.get(failure["run_id"])
     _write_lifecycle(db, lifecycle, failures, batch.targets)
     if keys_of_failures:
         _table(db, "incoming_failure_keys", keys_of_failures, _KEYS)
@@ -254,6 +259,21 @@ def _claim(
     finally:
         _unregister(db, "incoming_runs", "incoming_keys")
     return claimed
+
+
+def _counted_already(
+    db: duckdb.DuckDBPyConnection, verdicts: list[Judged], claimed: set[str]
+) -> set[str]:
+    """Claimed failures that already have their incident_failures row. A claim should make this
+    impossible; but a run whose stored verdict was lost (its row found open again, as after a
+    crash that kept the failure row and not the run's update) must still never count twice."""
+    failed = [j.verdict.run_id for j in verdicts
+              if isinstance(j.verdict, RunFailed) and j.verdict.run_id in claimed]
+    if not failed:
+        return set()
+    return {row[0] for row in db.execute(
+        "SELECT run_id FROM incident_failures WHERE list_contains(?, run_id)", [failed]
+    ).fetchall()}
 
 
 def _next_id(db: duckdb.DuckDBPyConnection) -> int:
