@@ -273,4 +273,4 @@ def test_cli_replay_reports_a_database_it_cannot_open(tmp_path: Path,
     code = cli.main(["replay", "--rules", str(tmp_path / "rules.yaml"), "--db",
                      str(tmp_path / "missing.duckdb")])
     assert code == 1
-    assert "cannot open database" in capsys.readouterr().err
+    assert "no database file" in capsys.readouterr().err

@@ -62,6 +62,7 @@ class Harness:
 
     def settle(self) -> None:
         assert self.server.store is not None
+        self.pipeline.flush()
         # The writer is FIFO: work queued after everything else is a barrier.
         self.loop.run_until_complete(self.server.store.run(lambda db: None))
 

@@ -1,10 +1,13 @@
-"""The verdict path: ingest -> commit -> observe -> one verdict batch per observe and per tick.
+"""The verdict path: ingest -> commit -> observe -> one verdict batch per tick.
 
 ``ingest(batch)`` commits the spans (the export may be acknowledged once it returns), then lets
-the engine observe them; what the engine decided goes to the writer as one VerdictBatch
-(store/verdicts.py writes it set-based, applying the incident lifecycle). ``tick()`` advances
-the engine's time the same way; it is synchronous and callable directly, so tests drive it
-instead of waiting for the server's loop, which only schedules it.
+the engine observe them. ``tick()`` advances the engine's time, and everything the engine
+decided since the last tick (observed and ticked) goes to the writer as one VerdictBatch
+(store/verdicts.py writes it set-based, applying the incident lifecycle): a batch costs a fixed
+handful of statements, so batching per tick (100 ms in the server) rather than per export is
+what keeps rule-matching traffic near the speed of the rest. ``tick()`` is synchronous and
+callable directly, so tests drive it instead of waiting for the server's loop, which only
+schedules it; ``flush()`` writes what is pending without advancing time.
 
 The writer is FIFO, so batches are stored in the engine's order: a run's opening before its
 verdict, a pass never before an earlier failure of the same rule, a late outcome after its
@@ -68,6 +71,7 @@ class Pipeline:
         self._clock = clock
         self._schedule_saved: dict[str, datetime] = {}
         self._evicted_seen = 0
+        self._pending: list[RunEvent] = []  # decided since the last write, in engine order
 
     async def ingest(self, batch: SpanBatch) -> None:
         """Commit ``batch``, then observe it; returns once the spans are durable."""
@@ -81,8 +85,10 @@ class Pipeline:
         self.persist(self.engine.observe(batch))
 
     def tick(self) -> None:
-        """Advance the engine to the clock's now and store what it decided."""
+        """Advance the engine to the clock's now and store what it decided since the last
+        tick."""
         self.persist(self.engine.tick())
+        self.flush()
         progress = self.engine.schedule_progress()
         if progress != self._schedule_saved:
             # Queued after the missed slots' failures (FIFO), so stored after them: a slot
@@ -95,8 +101,13 @@ class Pipeline:
         self.metrics.open_runs.set(self.engine.open_runs)
 
     def persist(self, events: Sequence[RunEvent]) -> None:
-        """Queue ``events`` to the writer as one batch (counted in the metrics)."""
-        if events:
+        """Keep ``events`` for the next write (``flush``, or the next tick)."""
+        self._pending.extend(events)
+
+    def flush(self) -> None:
+        """Queue what is pending to the writer as one batch (counted in the metrics)."""
+        if self._pending:
+            events, self._pending = self._pending, []
             self.writer.write_verdicts(self.batch(events))
 
     def batch(self, events: Sequence[RunEvent]) -> VerdictBatch:
@@ -163,5 +174,6 @@ class Pipeline:
             self.writer.decided_run_ids, sorted({span.trace_id for span, _ in spans}))
         self.engine.forget_closed(decided)
         self.persist(self.engine.replay(spans))
+        self.flush()
         log.info("recovered %d spans: %d live traces, %d open runs",
                  len(spans), self.engine.live_traces, self.engine.open_runs)

@@ -241,6 +241,8 @@ class Server:
             await asyncio.gather(*self._serving, return_exceptions=True)
         if self._notifier is not None:
             await self._notifier.aclose()
+        if self.pipeline is not None:
+            self.pipeline.flush()  # decided but not yet queued: stored before the file closes
         if self.store is not None:
             await asyncio.to_thread(self.store.close)
 

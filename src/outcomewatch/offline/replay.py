@@ -31,6 +31,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -188,41 +189,76 @@ def replay(
     rules: RuleSet, db_path: str, *, since_ns: int | None = None,
     idle: timedelta = timedelta(seconds=10), grid: timedelta = timedelta(seconds=1),
 ) -> ReplayReport:
-    """Evaluate ``rules`` against the spans stored in ``db_path`` (received at or after
-    ``since_ns``); raises StoreError when the database cannot be read."""
-    started = time.perf_counter()
-    stats = ReplayStats()
-    bound = since_ns if since_ns is not None else -(2**63)
+    """Evaluate ``rules`` against the spans stored in the file ``db_path`` (received at or after
+    ``since_ns``), opened read-only; raises StoreError when it cannot be read, when a running
+    server holds it, or when it is a copy taken while a server ran without its write-ahead log
+    (the newest data lives there: the verdicts would be wrong)."""
+    conn = open_for_replay(db_path)
     try:
-        conn = duckdb.connect(db_path, read_only=True)
-    except duckdb.Error as exc:
-        raise StoreError(f"cannot open database {db_path} read-only: {exc}") from exc
-    try:
-        row = conn.execute("SELECT count(*), count(*) FILTER (WHERE received_ns >= ?), "
-                           "min(received_ns) FILTER (WHERE received_ns >= ?), "
-                           "max(received_ns) FROM spans", [bound, bound]).fetchone()
-        assert row is not None
-        stats.stored_spans, stats.window_spans = int(row[0]), int(row[1])
-        report = ReplayReport(rules, [], [], stats)
-        if row[2] is None:
-            stats.seconds = time.perf_counter() - started
-            return report
-        first, last = at_ns(int(row[2])), at_ns(int(row[3]))
-        keep = _covered(rules, last)
-        verdicts = Verdicts(IncidentBook.for_rules(rules), keep_failure=keep)
-        driver = Driver(rules, idle=idle, start=first, grid=grid, verdicts=verdicts)
-        touch_name = _touch_name(rules)
-        candidates_sql, touches_sql, params = queries(rules, with_template=touch_name is None)
-        candidates = conn.cursor().execute(candidates_sql, [bound, *params])
-        touches = conn.cursor().execute(touches_sql, [*params, bound])
-        feed = _Feed(conn, touch_name)
-        for received, request in feed.requests(_rows(candidates), _rows(touches), stats):
-            driver.deliver(batch_from_request(request, received_ns=received))
-        driver.advance_to(last + settle_horizon(rules, idle))
+        return replay_on(conn, rules, since_ns=since_ns, idle=idle, grid=grid)
     except duckdb.Error as exc:
         raise StoreError(f"cannot read database {db_path}: {exc}") from exc
     finally:
         conn.close()
+
+
+def open_for_replay(db_path: str) -> duckdb.DuckDBPyConnection:
+    """``db_path`` opened read-only, or StoreError saying what to do instead."""
+    if not Path(db_path).is_file():
+        raise StoreError(f"no database file {db_path}")
+    try:
+        conn = duckdb.connect(db_path, read_only=True)
+    except duckdb.Error as exc:
+        if "lock" in str(exc).lower():
+            raise StoreError(
+                f"database {db_path} is held by a running server: replay through it with "
+                "`outcomewatch replay --api URL`, or stop it first") from exc
+        raise StoreError(f"cannot open database {db_path} read-only: {exc}") from exc
+    try:
+        running = conn.execute("SELECT bool_or(running) FROM server_state").fetchone()
+    except duckdb.Error:
+        running = None  # a file of an earlier version: nothing recorded
+    if running is not None and running[0] and not Path(f"{db_path}.wal").exists():
+        conn.close()
+        raise StoreError(
+            f"database {db_path} was copied while its server was running, without "
+            f"{Path(db_path).name}.wal beside it: its newest spans are missing and the verdicts "
+            "would be wrong; copy both files, stop the server first, or use "
+            "`outcomewatch replay --api URL`")
+    return conn
+
+
+def replay_on(
+    conn: duckdb.DuckDBPyConnection, rules: RuleSet, *, since_ns: int | None = None,
+    idle: timedelta = timedelta(seconds=10), grid: timedelta = timedelta(seconds=1),
+) -> ReplayReport:
+    """``replay`` on an open connection or cursor (the running server's own, for a backtest
+    that reads a consistent snapshot while ingest goes on); writes nothing. duckdb errors
+    propagate."""
+    started = time.perf_counter()
+    stats = ReplayStats()
+    bound = since_ns if since_ns is not None else -(2**63)
+    row = conn.execute("SELECT count(*), count(*) FILTER (WHERE received_ns >= ?), "
+                       "min(received_ns) FILTER (WHERE received_ns >= ?), "
+                       "max(received_ns) FROM spans", [bound, bound]).fetchone()
+    assert row is not None
+    stats.stored_spans, stats.window_spans = int(row[0]), int(row[1])
+    report = ReplayReport(rules, [], [], stats)
+    if row[2] is None:
+        stats.seconds = time.perf_counter() - started
+        return report
+    first, last = at_ns(int(row[2])), at_ns(int(row[3]))
+    keep = _covered(rules, last)
+    verdicts = Verdicts(IncidentBook.for_rules(rules), keep_failure=keep)
+    driver = Driver(rules, idle=idle, start=first, grid=grid, verdicts=verdicts)
+    touch_name = _touch_name(rules)
+    candidates_sql, touches_sql, params = queries(rules, with_template=touch_name is None)
+    candidates = conn.cursor().execute(candidates_sql, [bound, *params])
+    touches = conn.cursor().execute(touches_sql, [*params, bound])
+    feed = _Feed(conn, touch_name)
+    for received, request in feed.requests(_rows(candidates), _rows(touches), stats):
+        driver.deliver(batch_from_request(request, received_ns=received))
+    driver.advance_to(last + settle_horizon(rules, idle))
     report.runs = list(verdicts.runs.values())
     report.incidents = verdicts.book.incidents
     report.first_received, report.last_received = first, last

@@ -18,6 +18,10 @@ SCHEMA_VERSION = 2
 DDL = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 
+-- true while a server has the file open (checkpointed at open, false at a clean stop): a copy
+-- that says true and has no .wal beside it lacks the newest data (replay refuses it).
+CREATE TABLE IF NOT EXISTS server_state (running BOOLEAN NOT NULL);
+
 CREATE TABLE IF NOT EXISTS spans (
     trace_id VARCHAR NOT NULL,
     span_id VARCHAR NOT NULL,
