@@ -44,8 +44,8 @@ class SqlActions:
 
 
 def index_traces(conn: Any) -> None:
-    """Rebuild the traces table from spans inserted by hand (the writer keeps it at ingest)."""
+    """Rebuild the trace index from spans inserted by hand (the writer keeps it at ingest)."""
     from outcomewatch.store.schema import BACKFILL_TRACES
 
-    conn.execute("DELETE FROM traces")
-    conn.execute(BACKFILL_TRACES)
+    conn.execute("DELETE FROM trace_index")
+    conn.execute(BACKFILL_TRACES, {"since": -(2**63)})

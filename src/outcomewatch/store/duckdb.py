@@ -30,7 +30,7 @@ import pyarrow as pa
 from outcomewatch.errors import Overloaded, StoreError
 from outcomewatch.otlp import SpanBatch
 from outcomewatch.store import incidents, verdicts
-from outcomewatch.store.schema import DDL, migrate
+from outcomewatch.store.schema import DDL, migrate, reindex_tail
 from outcomewatch.store.server_reads import ServerReads
 from outcomewatch.store.verdicts import VerdictBatch
 
@@ -47,22 +47,9 @@ _SPAN_SCHEMA = pa.schema([
 _RESOURCE_SCHEMA = pa.schema([("id", pa.int64()), ("resource", pa.binary())])
 
 
-_UPSERT_TRACES = """
-INSERT INTO traces
-SELECT trace_id, min(received_ns), max(received_ns), count(*), count(*) FILTER (status_code = 2),
-       min(start_ns), max(end_ns), arg_min(name, start_ns) FILTER (parent_span_id = ''),
-       arg_min(service, start_ns) FILTER (parent_span_id = '')
-FROM incoming_spans GROUP BY trace_id
-ON CONFLICT (trace_id) DO UPDATE SET
-    first_received_ns = least(traces.first_received_ns, excluded.first_received_ns),
-    last_received_ns = greatest(traces.last_received_ns, excluded.last_received_ns),
-    span_count = traces.span_count + excluded.span_count,
-    error_count = traces.error_count + excluded.error_count,
-    first_start_ns = least(traces.first_start_ns, excluded.first_start_ns),
-    last_end_ns = greatest(traces.last_end_ns, excluded.last_end_ns),
-    root_name = coalesce(excluded.root_name, traces.root_name),
-    root_service = coalesce(excluded.root_service, traces.root_service)
-"""
+_TRACE_INDEX_SCHEMA = pa.schema([("trace_id", pa.string()), ("first_received_ns", pa.int64()),
+                                 ("last_received_ns", pa.int64())])
+_INDEX_EVERY_S = 0.5  # how often the trace index is written (see store/traces.py)
 
 _MAX_GROUP = 256  # jobs per transaction; bounds the latency one commit adds
 _CHECKPOINT_EVERY_S = 30.0
@@ -102,6 +89,7 @@ class Store(ServerReads):
             self.conn.execute("SET TimeZone = 'UTC'")
             self.conn.execute(DDL)
             migrate(self.conn)
+            reindex_tail(self.conn)
             # DuckDB replays its WAL at open but does not checkpoint it: with frequent restarts
             # the WAL would only grow, and every start would replay more of it.
             self.conn.execute("CHECKPOINT")
@@ -114,6 +102,8 @@ class Store(ServerReads):
         self._pending_lock = threading.Lock()
         self._on_commit = on_commit or (lambda seconds: None)
         self._known_resources: set[int] = set()
+        self._unindexed: dict[str, list[int]] = {}  # trace id -> [first, last] received_ns
+        self._indexed_at = time.monotonic()
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._writer = self.conn.cursor()
         self._thread = threading.Thread(target=self._run, name="duckdb-writer", daemon=True)
@@ -193,6 +183,7 @@ class Store(ServerReads):
         thread it awaited), and DuckDB refuses to close a busy connection: retry briefly."""
         self._queue.put(None)
         self._thread.join()
+        self._index_now()
         self._checkpoint()
         self._writer.close()
         for _ in range(100):
@@ -229,10 +220,26 @@ class Store(ServerReads):
                     self._pending_verdicts -= settled
             if stop:
                 return
+            if (self._unindexed and self._queue.empty()
+                    and time.monotonic() - self._indexed_at > _INDEX_EVERY_S):
+                self._index_now()  # quiet now: the last spans' windows need no more company
             if self._queue.empty() and time.monotonic() - last_checkpoint > _CHECKPOINT_EVERY_S:
                 # Only when idle: a checkpoint holds the writer, so it waits for a quiet moment.
                 self._checkpoint()
                 last_checkpoint = time.monotonic()
+
+    def _index_now(self) -> None:
+        """Write the remembered trace windows in a transaction of their own."""
+        if not self._unindexed:
+            return
+        try:
+            self._writer.begin()
+            self._write_index()
+            self._writer.commit()
+        except duckdb.Error as exc:  # a start re-indexes the tail: nothing is lost
+            with contextlib.suppress(duckdb.Error):
+                self._writer.rollback()
+            log.warning("writing the trace index failed: %s", exc)
 
     def _checkpoint(self) -> None:
         try:
@@ -303,6 +310,41 @@ class Store(ServerReads):
             i = j
         return results
 
+    def _to_index(self, batch: SpanBatch) -> None:
+        """Remember the batch's traces for the next index write (a few dict lookups per trace:
+        the spans of one trace sit together in a request)."""
+        windows = self._unindexed
+        received = batch.received_ns
+        last = None
+        for trace_id in batch.trace_id:
+            if trace_id == last:
+                continue
+            last = trace_id
+            window = windows.get(trace_id)
+            if window is None:
+                windows[trace_id] = [received, received]
+            elif received > window[1]:
+                window[1] = received
+            elif received < window[0]:
+                window[0] = received
+
+    def _write_index(self) -> None:
+        """Append the remembered windows to trace_index, in the current transaction. Written
+        with spans already committed before: if this transaction rolls back, a start re-indexes
+        the tail (schema.reindex_tail)."""
+        self._indexed_at = time.monotonic()
+        if not self._unindexed:
+            return
+        windows, self._unindexed = self._unindexed, {}
+        table = pa.Table.from_arrays(
+            [list(windows), [w[0] for w in windows.values()], [w[1] for w in windows.values()]],
+            schema=_TRACE_INDEX_SCHEMA)
+        self._writer.register("incoming_index", table)
+        try:
+            self._writer.execute("INSERT INTO trace_index SELECT * FROM incoming_index")
+        finally:
+            self._writer.unregister("incoming_index")
+
     def _insert_spans(self, batches: list[SpanBatch]) -> None:
         def column(name: str) -> list[Any]:
             return [v for b in batches for v in getattr(b, name)]
@@ -336,9 +378,12 @@ class Store(ServerReads):
         self._writer.register("incoming_spans", incoming)
         try:
             self._writer.execute("INSERT INTO spans SELECT * FROM incoming_spans")
-            self._writer.execute(_UPSERT_TRACES)
         finally:
             self._writer.unregister("incoming_spans")
+        for batch in batches:
+            self._to_index(batch)
+        if time.monotonic() - self._indexed_at > _INDEX_EVERY_S:
+            self._write_index()
         # Marked known before the commit: if the transaction rolls back, _commit_group clears
         # the whole set, so a resource row is never assumed that was not stored.
         if len(self._known_resources) > _MAX_KNOWN_RESOURCES:

@@ -91,13 +91,13 @@ class _Window:
     evidence: int
 
 
-# A trace's row in ``traces`` goes with its newest span.
+# A trace's index rows go with the spans of their window.
 _DELETE_TRACES_PLAIN = (
-    "DELETE FROM traces WHERE last_received_ns >= $lo AND last_received_ns < $hi "
+    "DELETE FROM trace_index WHERE last_received_ns >= $lo AND last_received_ns < $hi "
     f"AND last_received_ns < $cut AND trace_id NOT IN ({_OPEN}) AND trace_id NOT IN ({_EVIDENCE})"
 )
 _DELETE_TRACES_EVIDENCE = (
-    "DELETE FROM traces WHERE last_received_ns >= $lo AND last_received_ns < $hi "
+    "DELETE FROM trace_index WHERE last_received_ns >= $lo AND last_received_ns < $hi "
     f"AND last_received_ns < $cut AND trace_id NOT IN ({_OPEN}) AND trace_id IN ({_EVIDENCE})"
 )
 

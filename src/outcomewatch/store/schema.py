@@ -39,20 +39,18 @@ CREATE TABLE IF NOT EXISTS spans (
     resource_id BIGINT NOT NULL
 );
 
--- One row per trace, kept up to date at ingest (one upsert per commit, by trace): finds a
--- trace's spans by the window of received_ns it was stored in, so a lookup reads only the row
--- groups of that window (spans are appended in received order) instead of scanning the table.
-CREATE TABLE IF NOT EXISTS traces (
-    trace_id VARCHAR PRIMARY KEY,
+-- Where a trace's spans are: the window of received_ns they were stored in, so a lookup reads
+-- only the row groups of that window (spans are appended in received order) instead of scanning
+-- the whole table. Append-only (a trace may have several rows: its window is min..max), written
+-- by the writer about twice a second for the spans committed since; the spans received after
+-- the newest row (the last moment's) are found by a scan of that short tail. Derived data: a
+-- start rebuilds what a crash lost from the spans.
+CREATE TABLE IF NOT EXISTS trace_index (
+    trace_id VARCHAR NOT NULL,
     first_received_ns BIGINT NOT NULL,
-    last_received_ns BIGINT NOT NULL,
-    span_count BIGINT NOT NULL,
-    error_count BIGINT NOT NULL,
-    first_start_ns BIGINT NOT NULL,
-    last_end_ns BIGINT NOT NULL,
-    root_name VARCHAR,
-    root_service VARCHAR
+    last_received_ns BIGINT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS trace_index_trace ON trace_index (trace_id);
 
 CREATE TABLE IF NOT EXISTS resources (
     id BIGINT PRIMARY KEY,
@@ -180,15 +178,22 @@ MIGRATIONS = (
     "ALTER TABLE rule_state ADD COLUMN IF NOT EXISTS held VARCHAR[] DEFAULT []",
 )
 
+# Index rows for the spans received since ``$since`` (the tail a crash may have left
+# unindexed, with a margin: duplicates only repeat a window).
 BACKFILL_TRACES = """
-INSERT INTO traces
-SELECT trace_id, min(received_ns), max(received_ns), count(*),
-       count(*) FILTER (status_code = 2), min(start_ns), max(end_ns),
-       arg_min(name, start_ns) FILTER (parent_span_id = ''),
-       arg_min(service, start_ns) FILTER (parent_span_id = '')
-FROM spans GROUP BY trace_id
-ON CONFLICT DO NOTHING
+INSERT INTO trace_index
+SELECT trace_id, min(received_ns), max(received_ns) FROM spans WHERE received_ns >= $since
+GROUP BY trace_id
 """
+INDEXED_UNTIL = "SELECT max(last_received_ns) FROM trace_index"
+REINDEX_MARGIN_NS = 10 * 1_000_000_000
+
+
+def reindex_tail(db: duckdb.DuckDBPyConnection) -> None:
+    """Index the spans a crash left unindexed (called at open)."""
+    [(until,)] = db.execute(INDEXED_UNTIL).fetchall()
+    since = -(2**63) if until is None else int(until) - REINDEX_MARGIN_NS
+    db.execute(BACKFILL_TRACES, {"since": since})
 
 
 def migrate(db: duckdb.DuckDBPyConnection) -> None:
@@ -204,5 +209,4 @@ def migrate(db: duckdb.DuckDBPyConnection) -> None:
         db.execute(statement)
     db.execute("UPDATE incidents SET episode_started_at = opened_at "
                "WHERE episode_started_at IS NULL")
-    db.execute(BACKFILL_TRACES)
     db.execute("UPDATE schema_version SET version = ?", [SCHEMA_VERSION])

@@ -1,10 +1,11 @@
 """Finding a trace's spans without scanning the table.
 
-Trace ids are random, so a ``WHERE trace_id = ?`` alone reads every row group. The ``traces``
-table (one row per trace, upserted at ingest) keeps the window of ``received_ns`` a trace's spans
-were stored in; spans are appended in received order, so bounding the span query by that window
-lets DuckDB skip every row group outside it by its min/max. Two point reads, milliseconds among
-millions of spans.
+Trace ids are random, so a ``WHERE trace_id = ?`` alone reads every row group. ``trace_index``
+(store/schema.py) keeps the window of ``received_ns`` each trace's spans were stored in, and
+spans are appended in received order, so the span query bounded by that window reads only the
+row groups inside it. The spans committed since the index was last written (under a second of
+traffic) are found by a scan of that short tail. Three small reads: milliseconds among millions
+of spans.
 """
 
 from __future__ import annotations
@@ -14,13 +15,31 @@ from typing import Any
 import duckdb
 
 _MAX_NS = 2**63 - 1
+# The tail is read from a little before the newest indexed span: exports committed in one
+# transaction were received in an order a few milliseconds apart.
+_TAIL_MARGIN_NS = 1_000_000_000
+
+_SPANS = (
+    "SELECT s.span, r.resource, s.scope, s.start_ns, s.span_id, s.received_ns FROM spans s "
+    "JOIN resources r ON r.id = s.resource_id "
+    "WHERE s.received_ns BETWEEN ? AND ? AND s.trace_id = ?"
+)
 
 
-def window(cur: duckdb.DuckDBPyConnection, trace_id: str) -> tuple[int, int] | None:
-    """The (first, last) received_ns of the trace's stored spans, or None when none is."""
-    row = cur.execute("SELECT first_received_ns, last_received_ns FROM traces WHERE trace_id = ?",
-                      [trace_id]).fetchone()
-    return None if row is None else (int(row[0]), int(row[1]))
+def windows(cur: duckdb.DuckDBPyConnection, trace_id: str) -> list[tuple[int, int]]:
+    """The received_ns ranges to read for the trace: its indexed window (if any) and the
+    unindexed tail."""
+    [(lo, hi)] = cur.execute(
+        "SELECT min(first_received_ns), max(last_received_ns) FROM trace_index "
+        "WHERE trace_id = ?", [trace_id]).fetchall()
+    [(indexed_until,)] = cur.execute(
+        "SELECT max(last_received_ns) FROM trace_index").fetchall()
+    tail = -(2**63) if indexed_until is None else int(indexed_until) - _TAIL_MARGIN_NS
+    if lo is None:
+        return [(tail, _MAX_NS)]
+    if int(hi) >= tail:
+        return [(int(lo), _MAX_NS)]
+    return [(int(lo), int(hi)), (tail, _MAX_NS)]
 
 
 def span_rows(
@@ -31,27 +50,21 @@ def span_rows(
     retried export stored it twice: the first copy wins), ordered by (start_ns, span_id); only
     spans received up to ``until_ns``; ``limit`` rows after the keyset ``after``. None when no
     span of the trace is stored."""
-    bounds = window(cur, trace_id)
-    if bounds is None:
+    first: dict[str, tuple[Any, ...]] = {}
+    for lo, hi in windows(cur, trace_id):
+        if until_ns:
+            hi = min(hi, until_ns)
+        if lo > hi:
+            continue
+        for row in cur.execute(_SPANS, [lo, hi, trace_id]).fetchall():
+            kept = first.get(row[4])
+            if kept is None or row[5] < kept[5]:
+                first[row[4]] = row
+    if not first:
         return None
-    lo, hi = bounds
-    if until_ns:
-        hi = min(hi, until_ns)
-    sql = (
-        "SELECT s.span, r.resource, s.scope, s.start_ns, s.span_id FROM spans s "
-        "JOIN resources r ON r.id = s.resource_id "
-        "WHERE s.received_ns BETWEEN ? AND ? AND s.trace_id = ? "
-        "QUALIFY row_number() OVER (PARTITION BY s.span_id ORDER BY s.received_ns) = 1"
-    )
-    params: list[object] = [lo, hi, trace_id]
+    rows = sorted(first.values(), key=lambda r: (r[3], r[4]))
     if after is not None:
-        sql = f"SELECT * FROM ({sql}) WHERE (start_ns, span_id) > (?, ?)"
-        params += [after[0], after[1]]
-    sql += " ORDER BY start_ns, span_id"
+        rows = [r for r in rows if (r[3], r[4]) > after]
     if limit is not None:
-        sql += " LIMIT ?"
-        params.append(limit)
-    rows = cur.execute(sql, params).fetchall()
-    if not rows and after is None:
-        return None  # the row outlived its spans (retention deletes it with its newest span)
-    return rows
+        rows = rows[:limit]
+    return [r[:5] for r in rows]
