@@ -44,6 +44,7 @@ from schemathesis.checks import (
 )
 
 from outcomewatch.api import create_app
+from outcomewatch.offline.replay import backtest
 from outcomewatch.rules import RuleSet
 from outcomewatch.rules.load import load_rules
 from outcomewatch.rules.source import ReloadResult
@@ -195,9 +196,14 @@ class ExampleRules:
 
 
 def build_app(conn: duckdb.DuckDBPyConnection) -> FastAPI:
+    async def run_backtest(rules_yaml: str, *, since: timedelta | None,
+                           trace_idle: timedelta | None) -> dict[str, Any]:
+        return backtest(conn, rules_yaml, since_ns=None,
+                        idle=trace_idle or timedelta(seconds=10))
+
     return create_app(
         Reader(conn), actions=SqlActions(conn, at=NOW, targets_for_route=TARGETS),
-        api_token=API_TOKEN,
+        api_token=API_TOKEN, backtest=run_backtest,
         rules=ExampleRules(load_rules([RULES_DIR]), NOW),
         metrics=lambda: b"# HELP outcomewatch_up 1 when up\noutcomewatch_up 1\n",
     )
@@ -269,7 +275,7 @@ def only_503_among_server_errors(ctx: Any, response: Any, case: Case) -> None:
     if response.status_code >= 500:
         assert response.status_code == 503, f"{case.method} {case.path}: {response.status_code}"
         assert response.headers.get("retry-after") or case.path in ("/healthz", "/readyz") or (
-            response.json()["detail"] in ("no rules are loaded here",
+            response.json()["detail"] in ("no rules are loaded here", "no backtest here",
                                           "this deployment is read-only: no incident actions"))
 
 

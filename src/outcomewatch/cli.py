@@ -136,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="rule file or directory (repeatable)")
     replay.add_argument("--db", default="data/outcomewatch.duckdb", metavar="FILE",
                         help="DuckDB file, opened read-only (default: data/outcomewatch.duckdb)")
+    replay.add_argument("--api", metavar="URL",
+                        help="backtest in a running server instead (its POST /api/v1/replay, on "
+                             "its own stored spans, while it ingests); --db is then ignored")
+    replay.add_argument("--api-token", default=os.environ.get("OUTCOMEWATCH_API_TOKEN"),
+                        metavar="T", help="the server's API write token (default: "
+                                          "$OUTCOMEWATCH_API_TOKEN)")
     replay.add_argument("--since", type=_duration_arg, metavar="DURATION",
                         help="only spans received this long ago or later (default: all)")
     replay.add_argument("--trace-idle", type=_duration_arg, default=timedelta(seconds=10),
@@ -236,6 +242,8 @@ def _replay(args: argparse.Namespace) -> int:
     except RuleError as exc:
         print(exc, file=sys.stderr)
         return 2
+    if args.api:
+        return _replay_api(args)
     since_ns = None
     if args.since is not None:
         since_ns = time.time_ns() - int(args.since.total_seconds() * 1e9)
@@ -245,6 +253,43 @@ def _replay(args: argparse.Namespace) -> int:
         print(f"outcomewatch: {exc}", file=sys.stderr)
         return 1
     print(render_replay(report, args.format))
+    return 0
+
+
+def _replay_api(args: argparse.Namespace) -> int:
+    """replay --api: the rule files (checked here first) as one document, to the server."""
+    import httpx
+    import yaml
+
+    from outcomewatch.durations import format_duration
+    from outcomewatch.offline import render_replay
+    from outcomewatch.rules import rule_files
+
+    merged: list[object] = []
+    for path in rule_files(args.rules):
+        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        merged.extend(document.get("rules") or [])
+    params = {"trace_idle": format_duration(args.trace_idle)}
+    if args.since is not None:
+        params["since"] = format_duration(args.since)
+    headers = {"Content-Type": "application/yaml"}
+    if args.api_token:
+        headers["Authorization"] = f"Bearer {args.api_token}"
+    url = args.api.rstrip("/") + "/api/v1/replay"
+    try:
+        answer = httpx.post(url, params=params, headers=headers, timeout=600,
+                            content=yaml.safe_dump({"rules": merged}, sort_keys=False))
+    except httpx.HTTPError as exc:
+        print(f"outcomewatch: cannot reach {url}: {exc}", file=sys.stderr)
+        return 1
+    if answer.status_code != 200:
+        try:
+            detail = answer.json().get("detail") or answer.json().get("problems")
+        except ValueError:
+            detail = answer.text[:200]
+        print(f"outcomewatch: {url} answered {answer.status_code}: {detail}", file=sys.stderr)
+        return 1
+    print(render_replay(answer.json(), args.format))
     return 0
 
 

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf.internal import api_implementation
@@ -22,11 +23,12 @@ from starlette.types import ASGIApp
 
 from outcomewatch.analyzer.engine import Engine
 from outcomewatch.api.app import create_app
-from outcomewatch.clock import Clock, system_clock
+from outcomewatch.clock import Clock, system_clock, to_ns
 from outcomewatch.config import NotifyConfig, load_config
 from outcomewatch.incidents.notify import Notifier
 from outcomewatch.listeners import Address, EmbeddedUvicorn, serve_asgi
 from outcomewatch.metrics import Metrics
+from outcomewatch.offline.replay import backtest
 from outcomewatch.otlp import SpanBatch
 from outcomewatch.pipeline import Pipeline
 from outcomewatch.receiver.grpc import start_grpc_receiver
@@ -97,6 +99,7 @@ class Server:
         self._serving: list[asyncio.Task[None]] = []  # the uvicorn servers: stopped gracefully
         self._ready = False
         self._notifier: Notifier | None = None
+        self._backtest_lock = asyncio.Lock()
 
     # -- what the API's rules admin reads -------------------------------------------------
 
@@ -141,7 +144,7 @@ class Server:
         api_app = create_app(
             Reader(store.conn), ready=lambda: self._ready and store.healthy, actions=self._act,
             api_token=self.settings.api_token, read_token=self.settings.api_read_token,
-            metrics=self.metrics.render, rules=self,
+            metrics=self.metrics.render, rules=self, backtest=self._backtest,
         )
         self.http_port = await self._serve_asgi(http_app, self.settings.http)
         self.api_port = await self._serve_asgi(api_app, self.settings.api)
@@ -174,6 +177,17 @@ class Server:
         routes = {route: self.notify.targets_for(route) for route in self.notify.routes}
         return await self.store.act(incident_id, action, actor=actor, comment=comment,
                                     at=self.clock(), targets_for_route=routes)
+
+    async def _backtest(self, rules_yaml: str, *, since: timedelta | None,
+                        trace_idle: timedelta | None) -> dict[str, Any]:
+        """POST /api/v1/replay: one at a time, off the loop, on a read transaction."""
+        assert self.store is not None
+        conn = self.store.conn
+        since_ns = None if since is None else to_ns(self.clock() - since)
+        async with self._backtest_lock:
+            return await asyncio.to_thread(
+                backtest, conn, rules_yaml, since_ns=since_ns,
+                idle=trace_idle or self.settings.trace_idle)
 
     def _new_engine(self, schedule_since: dict[str, datetime]) -> Engine:
         return Engine(

@@ -15,9 +15,11 @@ from outcomewatch import __version__
 from outcomewatch.api.auth import AUTH_RESPONSES, Tokens, require_read, require_write
 from outcomewatch.api.deps import IncidentActions
 from outcomewatch.api.routes import actions as actions_routes
+from outcomewatch.api.routes import backtest as backtest_routes
 from outcomewatch.api.routes import health, v1
 from outcomewatch.api.routes import metrics as metrics_routes
 from outcomewatch.api.routes import rules as rules_routes
+from outcomewatch.api.routes.backtest import Backtest
 from outcomewatch.api.routes.rules import RulesAdmin
 from outcomewatch.api.schemas import ErrorOut
 from outcomewatch.errors import StoreError
@@ -103,6 +105,7 @@ def create_app(
     api_token: str | None = None,
     read_token: str | None = None,
     metrics: Callable[[], bytes] | None = None,
+    backtest: Backtest | None = None,
 ) -> FastAPI:
     """An app serving ``reader``; ``ready`` is polled by /healthz and /readyz on every request.
 
@@ -118,6 +121,7 @@ def create_app(
     app.state.actions = actions
     app.state.rules_admin = rules
     app.state.metrics = metrics
+    app.state.backtest = backtest
     app.state.tokens = Tokens(api=api_token, read=read_token)
     app.add_exception_handler(InvalidCursor, _invalid_cursor)
     app.add_exception_handler(StoreError, _store_failed)
@@ -132,5 +136,7 @@ def create_app(
     app.include_router(rules_routes.read_router, prefix="/api/v1", dependencies=reads,
                        responses=AUTH_RESPONSES)
     app.include_router(rules_routes.write_router, prefix="/api/v1",
+                       dependencies=[Depends(require_write)], responses=AUTH_RESPONSES)
+    app.include_router(backtest_routes.router, prefix="/api/v1",
                        dependencies=[Depends(require_write)], responses=AUTH_RESPONSES)
     return app

@@ -1,9 +1,10 @@
 """Offline evaluation: rule unit tests (``outcomewatch test``) and replay of stored spans
 (``outcomewatch replay``). Both drive the real streaming engine with a manual clock; nothing here
-writes to a database. Only the command line imports this package.
+writes to a database. The command line imports this package, and the server for the backtest
+it answers at ``POST /api/v1/replay``.
 
-- ``drive``: the clock and tick loop around an Engine, and the verdicts it hands back;
-- ``incidents``: the incidents those verdicts would open (flap control as the store does it);
+- ``drive``: the clock and tick loop around an Engine, the verdicts it hands back, and the
+  incidents they would open (the server's own lifecycle, incidents/lifecycle.py);
 - ``spans``: test-file span trees and OTLP/JSON files as OTLP protobuf requests;
 - ``ruletest``: test files, cases, comparison and diffs;
 - ``candidates`` and ``replay``: the SQL that selects candidate spans, and the replay itself.

@@ -26,10 +26,11 @@ later than the last stored span): after that the data cannot say whether the job
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ import duckdb
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, Status
 
-from outcomewatch.errors import StoreError
+from outcomewatch.errors import RuleError, StoreError
 from outcomewatch.model import FailureReason, RunFailed, RunStatus
 from outcomewatch.offline.candidates import candidate_predicate, selectors
 from outcomewatch.offline.drive import (
@@ -51,7 +52,7 @@ from outcomewatch.offline.drive import (
     settle_horizon,
 )
 from outcomewatch.otlp import batch_from_request
-from outcomewatch.rules import RuleSet
+from outcomewatch.rules import RuleSet, load_rules
 
 FETCH_ROWS = 20_000
 TOUCH_SPAN_ID = b"\xff" * 8
@@ -321,8 +322,10 @@ def report_json(report: ReplayReport) -> dict[str, Any]:
     }
 
 
-def render_replay(report: ReplayReport, fmt: str) -> str:
-    data = report_json(report)
+def render_replay(report: ReplayReport | dict[str, Any], fmt: str) -> str:
+    """The report as ``fmt`` (text or json); a dict is a report already as JSON (the answer
+    of ``POST /api/v1/replay``)."""
+    data = report if isinstance(report, dict) else report_json(report)
     if fmt == "json":
         return json.dumps(data, indent=2, default=str)
     window = data["window"]
@@ -350,3 +353,25 @@ def render_replay(report: ReplayReport, fmt: str) -> str:
 
 
 __all__ = ["ReplayReport", "ReplayStats", "render_replay", "replay", "report_json"]
+
+
+def backtest(
+    conn: duckdb.DuckDBPyConnection, rules_yaml: str, *, since_ns: int | None,
+    idle: timedelta,
+) -> dict[str, Any]:
+    """``replay --format json`` of the rule file text ``rules_yaml`` on an open connection (the
+    running server's own: one read transaction, nothing written). Raises RuleError for invalid
+    rules, their problems located in "request.yaml"."""
+    with tempfile.TemporaryDirectory(prefix="outcomewatch-backtest-") as folder:
+        path = Path(folder) / "request.yaml"
+        path.write_text(rules_yaml, encoding="utf-8")
+        try:
+            rules = load_rules([str(path)])
+        except RuleError as exc:
+            raise RuleError([replace(p, file="request.yaml") for p in exc.problems]) from None
+    cursor = conn.cursor()
+    try:
+        cursor.begin()  # one snapshot: ingest goes on beside it
+        return report_json(replay_on(cursor, rules, since_ns=since_ns, idle=idle))
+    finally:
+        cursor.close()

@@ -90,6 +90,9 @@ class Store(ServerReads):
             self.conn.execute(DDL)
             migrate(self.conn)
             reindex_tail(self.conn)
+            # Checkpointed just below: a copy of the file alone then says a server had it open.
+            self.conn.execute("DELETE FROM server_state")
+            self.conn.execute("INSERT INTO server_state VALUES (true)")
             # DuckDB replays its WAL at open but does not checkpoint it: with frequent restarts
             # the WAL would only grow, and every start would replay more of it.
             self.conn.execute("CHECKPOINT")
@@ -184,6 +187,8 @@ class Store(ServerReads):
         self._queue.put(None)
         self._thread.join()
         self._index_now()
+        with contextlib.suppress(duckdb.Error):
+            self._writer.execute("UPDATE server_state SET running = false")
         self._checkpoint()
         self._writer.close()
         for _ in range(100):
