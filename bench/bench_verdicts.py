@@ -247,7 +247,11 @@ class VisibleSampler:
         assert self._client is not None
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
-            response = await self._client.get("/api/v1/runs", params={"trace_id": trace_id})
+            try:
+                response = await self._client.get("/api/v1/runs",
+                                                  params={"trace_id": trace_id})
+            except httpx.TransportError:  # an API call slower than 60 s: keep polling
+                continue
             if response.status_code == 200 and sum(
                     1 for r in response.json()["runs"] if r["status"] != "open") >= runs:
                 self.latencies.append(time.time() - sent)
