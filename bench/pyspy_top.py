@@ -53,12 +53,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("profile", type=Path)
     parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--package", default="outcomewatch/",
+                        help="the total-time list shows only functions of files under this "
+                             "(the thread, asyncio and executor frames above them say nothing)")
+    parser.add_argument("--thread", help="only the samples of this thread name")
     args = parser.parse_args()
-    samples, threads, self_time, total = summarise(args.profile.read_text())
+    text = args.profile.read_text()
+    if args.thread:
+        text = "\n".join(line for line in text.splitlines()
+                         if line.startswith("thread (") and f": {args.thread};" in line)
+    samples, threads, self_time, total = summarise(text)
+    total = Counter({name: n for name, n in total.items() if args.package in name})
     if not samples:
         raise SystemExit(f"{args.profile}: no samples")
-    print(f"{args.profile}: {samples:,} samples (non-idle)")
-    for title, counter in [("thread", threads), ("self", self_time), ("total", total)]:
+    print(f"{args.profile}: {samples:,} samples (non-idle)"
+          + (f", thread {args.thread}" if args.thread else ""))
+    for title, counter in [("thread", threads), ("self", self_time),
+                           (f"total, {args.package} only", total)]:
         print(f"-- by {title}")
         for name, count in counter.most_common(args.top):
             print(f"{100 * count / samples:6.1f}%  {name}")
