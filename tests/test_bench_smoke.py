@@ -21,5 +21,5 @@ def test_the_verdict_benchmark_completes_and_counts_every_verdict_once() -> None
     lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip()}
     for mix in ("quiet", "typical", "heavy"):
         assert lines[mix].endswith("  OK"), result.stdout
-    assert ", OK (" in lines["lookup"], result.stdout
+    assert "; OK (" in lines["lookup"], result.stdout
     assert "RSS per live trace" in lines["live"], result.stdout
