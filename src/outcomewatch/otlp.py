@@ -31,9 +31,8 @@ from outcomewatch.model import AttributeValue, Span, SpanEvent, SpanLink, SpanSt
 _ZERO_TRACE = bytes(16)
 _ZERO_SPAN = bytes(8)
 KiB = 1024
-# What the span columns hold (store/schema.py: BIGINT times, TINYINT kind and status code), and
-# what the engine reads as a datetime. OTLP sends times as fixed64 and enums as int32, so
-# these bounds are checked per span: a value past them is that span's problem, not the store's.
+# What the span columns hold (store/schema.py: BIGINT times, TINYINT kind and status code) and
+# the engine reads as datetimes; OTLP sends fixed64 times and int32 enums: checked per span.
 MAX_TIME_NS = 2**63 - 1  # 2262-04-11T23:47:16Z
 SPAN_KIND_MAX = 5  # SPAN_KIND_CONSUMER; OTLP defines 0 to 5
 STATUS_CODE_MAX = 2  # STATUS_CODE_ERROR; OTLP defines 0 to 2
@@ -248,12 +247,11 @@ def _scalar_problem(pb_span: PbSpan) -> str | None:
                      ("end_time_unix_nano", pb_span.end_time_unix_nano)):
         if ns > MAX_TIME_NS:
             return f"{what} {ns} is past 2^63-1 ns (2262-04-11), the latest time accepted"
-    if not 0 <= pb_span.kind <= SPAN_KIND_MAX:
-        return f"kind {pb_span.kind} is not an OTLP SpanKind (0 to {SPAN_KIND_MAX})"
-    if not 0 <= pb_span.status.code <= STATUS_CODE_MAX:
-        return (f"status.code {pb_span.status.code} is not an OTLP StatusCode "
-                f"(0 to {STATUS_CODE_MAX})")
-    return None
+    kind, code = pb_span.kind, pb_span.status.code
+    if not 0 <= kind <= SPAN_KIND_MAX:
+        return f"kind {kind} is not an OTLP SpanKind (0 to {SPAN_KIND_MAX})"
+    return None if 0 <= code <= STATUS_CODE_MAX else (
+        f"status.code {code} is not an OTLP StatusCode (0 to {STATUS_CODE_MAX})")
 
 
 def _span_problem(pb_span: PbSpan, limits: SpanLimits) -> str | None:
