@@ -169,10 +169,11 @@ def spans(draw: st.DrawFn) -> PbSpan:
         span_id=draw(ids(8)),
         parent_span_id=draw(st.just(b"") | ids(8)),
         name=draw(st.text(max_size=20)),
-        kind=draw(int32),  # type: ignore[arg-type]
-        start_time_unix_nano=draw(st.integers(0, 2**64 - 1)),
+        # Mostly values OTLP defines, so that most spans are accepted; any int32 or uint64 too.
+        kind=draw(st.integers(0, 5) | int32),  # type: ignore[arg-type]
+        start_time_unix_nano=draw(st.integers(0, 2**63 - 1) | st.integers(0, 2**64 - 1)),
     )
-    span.status.code = draw(int32)  # type: ignore[assignment]
+    span.status.code = draw(st.integers(0, 2) | int32)  # type: ignore[assignment]
     span.attributes.extend(KeyValue(key=k, value=v) for k, v in draw(attribute_lists))
     for _ in range(draw(st.integers(0, 2))):
         span.events.add(name="e").attributes.extend(
@@ -240,6 +241,8 @@ def oracle_accepts(span: PbSpan, limits: SpanLimits) -> bool:
         len(span.trace_id) == 16 and span.trace_id != bytes(16)
         and len(span.span_id) == 8 and span.span_id != bytes(8)
         and len(span.parent_span_id) in (0, 8)
+        and 0 <= span.kind <= 5 and 0 <= span.status.code <= 2
+        and span.start_time_unix_nano < 2**63 and span.end_time_unix_nano < 2**63
         and len(span.attributes) <= limits.max_attributes_per_span
         and len(span.events) <= limits.max_events_per_span
         and len(span.links) <= limits.max_links_per_span

@@ -103,12 +103,52 @@ def test_an_unpaired_surrogate_in_a_string_is_refused():
         parse_json(body_with_span(name="\ud800"))
 
 
-def test_unknown_enum_values_are_kept_or_read_as_zero():
+def test_numeric_enum_values_pass_the_json_check_and_are_judged_per_span_later():
+    # The range check is batch_from_request's (per span, partial success), for both encodings.
     request = parse_json(body_with_span(kind=99, status={"code": 7}))
     span = request.resource_spans[0].scope_spans[0].spans[0]
     assert (span.kind, span.status.code) == (99, 7)
-    renamed = parse_json(body_with_span(kind="SPAN_KIND_NEW"))
-    assert renamed.resource_spans[0].scope_spans[0].spans[0].kind == 0
+
+
+def test_a_known_enum_name_is_accepted_and_an_unknown_one_refused():
+    named = parse_json(body_with_span(kind="SPAN_KIND_CONSUMER", status={"code": "STATUS_CODE_OK"}))
+    span = named.resource_spans[0].scope_spans[0].spans[0]
+    assert (span.kind, span.status.code) == (5, 1)
+    with pytest.raises(InvalidPayload) as refused:
+        parse_json(body_with_span(kind="SPAN_KIND_NEW"))
+    assert str(refused.value).startswith(
+        f"{WHERE}.kind: 'SPAN_KIND_NEW' is not a SpanKind: OTLP/JSON sends enums as integers")
+
+
+def test_uppercase_and_mixed_case_hex_ids_read_as_the_same_bytes():
+    request = parse_json(body_with_span(traceId=TRACE_HEX.upper(), spanId="EEE19b7ec3c1B174"))
+    span = request.resource_spans[0].scope_spans[0].spans[0]
+    assert (span.trace_id.hex(), span.span_id.hex()) == (TRACE_HEX, SPAN_HEX)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"resourceSpans": [], "resourceSpans": [{}]}',
+         "duplicate key 'resourceSpans' (a key may appear once per object)"),
+        (body_with_span(name="a").replace(b'"name": "a"', b'"name": "a", "name": "b"'),
+         f"{WHERE}: duplicate key 'name' (a key may appear once per object)"),
+        (body_with_span(**attribute({"intValue": 1})).replace(
+            b'"intValue": 1', b'"intValue": 1, "intValue": 2'),
+         f"{WHERE}.attributes[0].value: duplicate key 'intValue' (a key may appear once per "
+         "object)"),
+    ],
+)
+def test_a_key_repeated_in_one_object_is_refused_with_its_path(body, message):
+    with pytest.raises(InvalidPayload) as refused:
+        parse_json(body)
+    assert str(refused.value) == message
+
+
+def test_a_key_repeated_inside_an_unknown_field_is_ignored_with_the_field():
+    request = parse_json(body_with_span(futureField={"x": 1}).replace(
+        b'{"x": 1}', b'{"x": 1, "x": 2}'))
+    assert request.resource_spans[0].scope_spans[0].spans[0].name == "pay"
 
 
 @pytest.mark.parametrize("body", [b"", b"  \n", b"{}", b'{"resourceSpans": []}',

@@ -237,15 +237,38 @@ def test_a_request_within_the_limits_decodes_no_attribute_value(monkeypatch):
     assert (len(batch), batch.rejected) == (50, 0)
 
 
-def test_it_accepts_unknown_enum_values_and_reads_them_as_unset_and_unspecified():
-    odd = span(0)
-    odd.kind, odd.status.code = 99, 7
-    batch = decode(request_of(odd))
-    assert (batch.kind, batch.status_code) == ([99], [7])
-    assert batch.decode(0).status is SpanStatus.UNSET
-    assert span_kind_name(batch.decode(0).kind) == "unspecified"
-    assert SpanStatus.from_code(-1) is SpanStatus.UNSET
-    assert span_kind_name(-1) == "unspecified"
+@pytest.mark.parametrize(
+    ("field", "value", "problem"),
+    [
+        ("kind", 6, "kind 6 is not an OTLP SpanKind (0 to 5)"),
+        ("kind", -(2**31), f"kind {-(2**31)} is not an OTLP SpanKind (0 to 5)"),
+        ("code", 3, "status.code 3 is not an OTLP StatusCode (0 to 2)"),
+        ("code", 2**31 - 1, f"status.code {2**31 - 1} is not an OTLP StatusCode (0 to 2)"),
+        ("start_time_unix_nano", 2**63,
+         f"start_time_unix_nano {2**63} is past 2^63-1 ns (2262-04-11), the latest time "
+         "accepted"),
+        ("end_time_unix_nano", 2**64 - 1, f"end_time_unix_nano {2**64 - 1} is past 2^63-1 ns "
+         "(2262-04-11), the latest time accepted"),
+    ],
+)
+def test_a_value_that_no_span_column_holds_rejects_that_span_alone(field, value, problem):
+    odd, good = span(0), span(1)
+    setattr(odd.status if field == "code" else odd, field, value)
+    batch = decode(request_of(good, odd))
+    assert (batch.rejected, batch.name) == (1, ["span-1"])
+    assert batch.rejection_message == f"resource_spans[0].scope_spans[0].spans[1]: {problem}"
+
+
+def test_the_edges_of_each_span_column_are_accepted_as_sent():
+    edge = span(0)
+    edge.kind, edge.status.code = 5, 2
+    edge.start_time_unix_nano = edge.end_time_unix_nano = 2**63 - 1
+    edge.flags = edge.dropped_attributes_count = edge.dropped_events_count = 2**32 - 1
+    batch = decode(request_of(edge))
+    assert (batch.kind, batch.status_code, batch.start_ns, batch.end_ns) == (
+        [5], [2], [2**63 - 1], [2**63 - 1])
+    assert batch.decode(0).status is SpanStatus.ERROR
+    assert span_kind_name(batch.decode(0).kind) == "consumer"
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """The command line: the only place that reads argv.
 
     outcomewatch serve [--rules PATH ...] [--db FILE] [--grpc HOST:PORT] [--http HOST:PORT]
-                       [--api HOST:PORT] [--trace-idle DURATION]
+                       [--api HOST:PORT] [--trace-idle DURATION] [--max-live-bytes SIZE] ...
     outcomewatch check PATH ... [--format text|json]
     outcomewatch schema
     outcomewatch test FILE...
@@ -16,9 +16,11 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from datetime import timedelta
+from pathlib import Path
 
 from outcomewatch.durations import parse_duration
 from outcomewatch.errors import DurationError, RuleError, StoreError
@@ -50,6 +52,53 @@ def _positive_int_arg(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return int(text)
+
+
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([kmgt]i?)?b?", re.IGNORECASE)
+_UNIT = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+         "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``512MiB``, ``2GB``, ``1.5GiB`` or a plain number of bytes (units are
+    case-insensitive; KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024); ValueError if not."""
+    match = _SIZE.fullmatch(text.strip())
+    size = 0 if match is None else int(float(match[1]) * _UNIT[(match[2] or "").lower()])
+    if size < 1:
+        raise ValueError(f"invalid size {text!r}: expected bytes, like 512MiB or 2GB")
+    return size
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+LIVE_SHARE = 4  # the default live-state budget is a quarter of the memory the process may use
+MIN_LIVE_BYTES = 64 * 2**20
+
+
+def memory_limit_bytes(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The memory this process may use: the machine's, or its cgroup's limit when lower
+    (cgroup v2 ``memory.max``, v1 ``memory/memory.limit_in_bytes``), as a container sees it."""
+    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in (cgroup / "memory.max", cgroup / "memory" / "memory.limit_in_bytes"):
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # "max" (v2) means no limit; v1 says so with a huge number
+            limit = min(limit, int(text))
+    return limit
+
+
+def default_live_bytes(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The live-state budget when ``--max-live-bytes`` is not given: a quarter of
+    ``memory_limit_bytes`` (the rest is DuckDB's, the queues' and Python's), at least 64 MiB.
+    Like the Collector's memory_limiter, derived from the machine unless set."""
+    return max(memory_limit_bytes(cgroup) // LIVE_SHARE, MIN_LIVE_BYTES)
 
 
 def _retention_arg(text: str) -> timedelta | None:
@@ -114,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "early (reason evicted) and counted, never dropped silently")
     serve.add_argument("--max-live-spans", type=_positive_int_arg, metavar="N",
                        help="spans held in memory for open runs (a memory budget), likewise")
+    serve.add_argument("--max-live-bytes", type=_size_arg, metavar="SIZE",
+                       help="estimated memory of live traces, held spans and open runs "
+                            "(512MiB, 2GB), likewise (default: a quarter of the machine's or "
+                            "the cgroup's memory, at least 64MiB)")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
 
@@ -156,6 +209,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    max_live_bytes = args.max_live_bytes or default_live_bytes()
+    logging.getLogger("outcomewatch").info(
+        "live-state budget %.0f MiB (%s)", max_live_bytes / 2**20,
+        "--max-live-bytes" if args.max_live_bytes else
+        "a quarter of the memory limit; set it with --max-live-bytes")
     settings = Settings(
         rules=tuple(args.rules or ["rules"]),
         db=args.db,
@@ -169,6 +227,7 @@ def _serve(args: argparse.Namespace) -> int:
         otlp_token=args.otlp_token or None,
         max_live_traces=args.max_live_traces,
         max_live_spans=args.max_live_spans,
+        max_live_bytes=max_live_bytes,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         max_queue=args.max_queue,

@@ -31,6 +31,11 @@ from outcomewatch.model import AttributeValue, Span, SpanEvent, SpanLink, SpanSt
 _ZERO_TRACE = bytes(16)
 _ZERO_SPAN = bytes(8)
 KiB = 1024
+# What the span columns hold (store/schema.py: BIGINT times, TINYINT kind and status code) and
+# the engine reads as datetimes; OTLP sends fixed64 times and int32 enums: checked per span.
+MAX_TIME_NS = 2**63 - 1  # 2262-04-11T23:47:16Z
+SPAN_KIND_MAX = 5  # SPAN_KIND_CONSUMER; OTLP defines 0 to 5
+STATUS_CODE_MAX = 2  # STATUS_CODE_ERROR; OTLP defines 0 to 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -236,9 +241,22 @@ def _value_problem(pb_value: AnyValue, limits: SpanLimits, depth: int) -> str | 
     return None
 
 
+def _scalar_problem(pb_span: PbSpan) -> str | None:
+    """A time, kind or status code outside what OTLP defines or the span columns hold."""
+    for what, ns in (("start_time_unix_nano", pb_span.start_time_unix_nano),
+                     ("end_time_unix_nano", pb_span.end_time_unix_nano)):
+        if ns > MAX_TIME_NS:
+            return f"{what} {ns} is past 2^63-1 ns (2262-04-11), the latest time accepted"
+    kind, code = pb_span.kind, pb_span.status.code
+    if not 0 <= kind <= SPAN_KIND_MAX:
+        return f"kind {kind} is not an OTLP SpanKind (0 to {SPAN_KIND_MAX})"
+    return None if 0 <= code <= STATUS_CODE_MAX else (
+        f"status.code {code} is not an OTLP StatusCode (0 to {STATUS_CODE_MAX})")
+
+
 def _span_problem(pb_span: PbSpan, limits: SpanLimits) -> str | None:
     """Why ``pb_span`` is rejected, or None. Slow: walks every value."""
-    problem = _id_problem(pb_span)
+    problem = _id_problem(pb_span) or _scalar_problem(pb_span)
     if problem is not None:
         return problem
     for what, count, limit in (
@@ -390,10 +408,12 @@ def batch_from_request(
 ) -> SpanBatch:
     """Validate ids and limits and read the scalar columns of every span of ``request``.
 
-    Spans with ids of the wrong length or over ``limits`` are rejected one by one (counted in
-    ``rejected``, named in ``problems``), as OTLP partial success expects; the rest are accepted.
-    Unknown enum values (span kind, status code) are kept as sent. A request with no spans
-    gives an empty batch: exporters do send them, and OTLP counts them a success.
+    Spans with ids of the wrong length, over ``limits``, with a start or end time past
+    MAX_TIME_NS, or with a kind or status code that OTLP does not define are rejected one by one
+    (counted in ``rejected``, named in ``problems``), as OTLP partial success expects; the rest
+    are accepted. So every value that reaches a typed column of the store fits it. (Dropped
+    counts, flags and event times reach no column: they stay in ``raw``, as sent.) A request
+    with no spans gives an empty batch: exporters do send them, and OTLP counts them a success.
 
     The limits cost little per span, and no attribute is decoded unless a span is over one:
     ``len(attributes)`` is read for every span, and the size of the span's serialised bytes
@@ -436,9 +456,15 @@ def batch_from_request(
             for i, pb_span in enumerate(pb_scope_spans.spans):
                 trace_id, span_id = pb_span.trace_id, pb_span.span_id
                 raw = pb_span.SerializeToString()
+                start, end = pb_span.start_time_unix_nano, pb_span.end_time_unix_nano
+                status, kind = pb_span.status, pb_span.kind
+                code = status.code
                 if len(trace_id) != 16 or len(span_id) != 8 or trace_id == _ZERO_TRACE or (
                     span_id == _ZERO_SPAN or len(pb_span.parent_span_id) not in (0, 8)
-                ) or len(raw) > max_bytes or len(pb_span.attributes) > max_attributes:
+                ) or len(raw) > max_bytes or len(pb_span.attributes) > max_attributes or (
+                    start > MAX_TIME_NS or end > MAX_TIME_NS or not 0 <= kind <= SPAN_KIND_MAX
+                    or not 0 <= code <= STATUS_CODE_MAX
+                ):
                     problem = _span_problem(pb_span, limits)
                     if problem is not None:
                         batch.rejected += 1
@@ -446,17 +472,16 @@ def batch_from_request(
                             f"resource_spans[{r}].scope_spans[{s}].spans[{i}]: {problem}"
                         )
                         continue
-                status = pb_span.status
                 append_trace(trace_id.hex())
                 append_span(span_id.hex())
                 append_parent(pb_span.parent_span_id.hex())
                 append_name(pb_span.name)
                 append_service(service)
                 append_scope(scope)
-                append_kind(pb_span.kind)
-                append_start(pb_span.start_time_unix_nano)
-                append_end(pb_span.end_time_unix_nano)
-                append_code(status.code)
+                append_kind(kind)
+                append_start(start)
+                append_end(end)
+                append_code(code)
                 append_message(status.message)
                 append_raw(raw)
                 append_raw_resource(raw_resource)

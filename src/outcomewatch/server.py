@@ -64,6 +64,7 @@ class Settings:
     notify_interval: timedelta = timedelta(seconds=1)  # how often the outbox is polled
     max_live_traces: int | None = None  # over it, the oldest live traces are evaluated early
     max_live_spans: int | None = None  # the same for spans held in memory (a memory budget)
+    max_live_bytes: int | None = None  # the same for live state's estimated bytes (CLI: derived)
     rules_poll: timedelta = timedelta(seconds=2)  # how often rule files are checked for changes
     otlp_token: str | None = None  # bearer token required from OTLP clients
     tls_cert: str | None = None  # PEM certificate chain: TLS on all three listeners

@@ -123,7 +123,7 @@ def corpus() -> dict[str, bytes]:
     return {
         "valid-rich.bin": rich,
         "valid-empty.bin": b"",
-        "valid-unknown-enums.bin": _odd_enums().SerializeToString(),
+        "partial-unknown-enums.bin": _odd_enums().SerializeToString(),
         "partial-over-the-limits.bin": _over_the_limits().SerializeToString(),
         "invalid-truncated.bin": rich[: len(rich) // 2],
         "invalid-utf8.bin": utf8.SerializeToString().replace(b"caf_", b"caf\xc3"),

@@ -89,7 +89,7 @@ class Correlation:
         if not runs:
             return []
         return [(run, self._adopt(run, linking)) for run in list(runs.values())
-                if linking not in run.linked]
+                if linking not in (run.linked or ())]
 
     def register(self, run: OpenRun) -> Candidates:
         """Start serving a correlated run; returns the pooled spans it may count already."""
@@ -102,7 +102,7 @@ class Correlation:
                 found.extend(pool.candidates(rule.expects))
         self._by_target.setdefault(run.trace_id, {})[run.run_id] = run
         for linking in list(self._links.get(run.trace_id, {})):
-            if linking not in run.linked:
+            if linking not in (run.linked or ()):
                 found.extend(self._adopt(run, linking))
         return found
 
@@ -110,7 +110,7 @@ class Correlation:
         if run.values is not None:
             _discard(self._by_values, (run.rule.name, run.values), run.run_id)
         _discard(self._by_target, run.trace_id, run.run_id)
-        for linking in run.linked:
+        for linking in run.linked or ():
             _discard(self._by_linked, linking, run.run_id)
 
     def expire(self, now: datetime) -> None:
@@ -151,6 +151,8 @@ class Correlation:
                 self._born.append((now, pool_key, key))
 
     def _adopt(self, run: OpenRun, linking: str) -> Candidates:
+        if run.linked is None:
+            run.linked = set()
         run.linked.add(linking)
         self._by_linked.setdefault(linking, {})[run.run_id] = run
         pool = self._pools.get(("trace", linking, None))

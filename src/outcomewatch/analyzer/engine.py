@@ -60,7 +60,8 @@ tells how far each rule has been judged, for the next ``schedule_since``.
 Bounded state: per trace and expectation at most ``lte + 1`` (else ``gte``) matching spans are
 held (for ``after: trigger``: the latest-starting), one per forbid selector, so a huge trace
 costs no more than a small one. ``max_live_traces`` / ``max_live_spans`` (held spans: those kept
-plus the triggers of open runs) bound the rest: past either after an observe, the oldest live
+plus the triggers of open runs) / ``max_live_bytes`` (``live_bytes``: the estimated memory of
+live traces, held spans and open runs) bound the rest: past any after an observe, the oldest live
 traces (by first seen) are dropped until under budget, each of their open runs failing with
 reason ``evicted`` (``missing``: its unmet expectations, possibly none for a run waiting out an
 upper bound); ``evicted_traces`` counts them. A trace is live while it holds a run or a span,
@@ -81,6 +82,7 @@ from outcomewatch.analyzer.correlate import Correlation, link_targets
 from outcomewatch.analyzer.late import LateOutcomes
 from outcomewatch.analyzer.runs import (
     NO_INTEREST,
+    RUN_BYTES,
     CompiledRule,
     Expect,
     Forbid,
@@ -94,6 +96,7 @@ from outcomewatch.analyzer.runs import (
     interest_in,
     reload_rules,
     run_id_for,
+    span_bytes,
 )
 from outcomewatch.analyzer.schedule import ScheduleWatch
 from outcomewatch.clock import Clock, from_ns
@@ -124,12 +127,14 @@ class Engine:
         clock: Clock,
         max_live_traces: int | None = None,
         max_live_spans: int | None = None,
+        max_live_bytes: int | None = None,
         schedule_since: Mapping[str, datetime] | None = None,
     ) -> None:
         self._idle = idle
         self._clock = clock
         self._max_traces = max_live_traces
         self._max_spans = max_live_spans
+        self._max_bytes = max_live_bytes
         self._rules = compile_rules(rules)
         self._retired: tuple[CompiledRule, ...] = ()  # replaced, with runs still open
         self._interest: dict[str, Interest] = {}
@@ -145,6 +150,9 @@ class Engine:
         self._closed: OrderedDict[str, None] = OrderedDict()
         self._open = 0
         self._held = 0
+        self._bytes = 0
+        # (now, now + idle) of the last new trace: new traces of one batch share the datetime.
+        self._idle_due: tuple[datetime | None, datetime] = (None, datetime.min)
         self.evicted_traces = 0
 
     def load_rules(self, rules: RuleSet) -> None:
@@ -184,6 +192,12 @@ class Engine:
     def held_spans(self) -> int:
         """Spans held by live traces (kept candidates and open runs' triggers)."""
         return self._held
+
+    @property
+    def live_bytes(self) -> int:
+        """Estimated memory of the live traces: their own state, held spans and open runs
+        (``runs.span_bytes``, ``TRACE_BYTES``, ``RUN_BYTES``); what ``max_live_bytes`` bounds."""
+        return self._bytes
 
     @property
     def correlated_spans(self) -> int:
@@ -264,7 +278,10 @@ class Engine:
         if live is None:
             live = self._live[span.trace_id] = LiveTrace(span.trace_id, now, received_ns,
                                                          last_received_ns=received_ns)
-            self._schedule(live, now + self._idle)
+            self._bytes += live.bytes
+            if self._idle_due[0] is not now:
+                self._idle_due = (now, now + self._idle)
+            self._schedule(live, self._idle_due[1])
         for expect in expects:
             self._outcome(live, expect, span, now, events)
         for forbid in forbids:
@@ -275,10 +292,9 @@ class Engine:
     def _outcome(
         self, live: LiveTrace, expect: Expect, span: Span, now: datetime, events: list[RunEvent]
     ) -> None:
-        self._held += live.keep(expect, span)
-        waiting = live.waiting.get(expect)
-        if waiting:
-            for run in list(waiting.values()):
+        self._keep(live, expect, span)
+        if live.runs:
+            for run in live.waiting(expect):
                 self._offer(run, expect, span, now, events)
         values = None
         if self._correlation is not None and expect.rule.correlated:
@@ -291,11 +307,16 @@ class Engine:
     def _forbidden(
         self, live: LiveTrace, forbid: Forbid, span: Span, now: datetime, events: list[RunEvent]
     ) -> None:
-        self._held += live.keep(forbid, span)
+        self._keep(live, forbid, span)
         for run in list(live.runs.values()):
             if run.rule is forbid.rule and run.forbidden is None:
                 run.forbidden = span
                 self._settle(run, None, now, events)
+
+    def _keep(self, live: LiveTrace, what: Expect | Forbid, span: Span) -> None:
+        before = live.bytes
+        self._held += live.keep(what, span)
+        self._bytes += live.bytes - before
 
     def _link(self, trace_id: str, targets: list[str], now: datetime,
               events: list[RunEvent]) -> None:
@@ -323,11 +344,14 @@ class Engine:
             self._schedule(live, deadline)
         values = correlation_key(trigger, rule.rule.correlate) if rule.correlated else None
         run = OpenRun(run_id, rule, trigger, now, deadline, group_values(rule.rule, trigger),
-                      values, [{} for _ in rule.expects])
+                      values, [None] * len(rule.expects))
         live.runs[run_id] = run
         live.had_run = True
         live.held += 1
         self._held += 1
+        cost = RUN_BYTES + span_bytes(trigger)
+        live.bytes += cost
+        self._bytes += cost
         self._open += 1
         rule.open += 1
         events.append(RunOpened(run_id, rule.name, trigger.trace_id, trigger.span_id, now,
@@ -344,9 +368,6 @@ class Engine:
         if self._correlation is not None and rule.correlated:
             for expect, span in self._correlation.register(run):
                 run.offer(expect, span)
-        for expect in rule.expects:
-            if expect.cap and run.wants(expect):
-                live.waiting.setdefault(expect, {})[run_id] = run
         self._settle(run, None, now, events)
 
     def _offer(
@@ -355,8 +376,6 @@ class Engine:
         live = self._live.get(run.trace_id)
         if live is None or run.run_id not in live.runs or not run.offer(expect, span):
             return  # closed meanwhile
-        if not run.wants(expect):
-            live.unwait(expect, run.run_id)
         self._settle(run, None, now, events)
 
     def _settle(
@@ -373,10 +392,11 @@ class Engine:
         del live.runs[run.run_id]
         live.held -= 1
         self._held -= 1
+        cost = RUN_BYTES + span_bytes(run.trigger)
+        live.bytes -= cost
+        self._bytes -= cost
         self._open -= 1
         run.rule.open -= 1
-        for expect in run.rule.expects:
-            live.unwait(expect, run.run_id)
         if self._correlation is not None and run.rule.correlated:
             self._correlation.unregister(run)
         self._remember_closed(run.run_id)
@@ -459,12 +479,14 @@ class Engine:
     def _drop(self, trace_id: str) -> None:
         live = self._live.pop(trace_id)
         self._held -= live.held
+        self._bytes -= live.bytes
 
     def _enforce_budget(self, now: datetime, events: list[RunEvent]) -> None:
-        max_traces, max_spans = self._max_traces, self._max_spans
+        max_traces, max_spans, max_bytes = self._max_traces, self._max_spans, self._max_bytes
         while self._live and (
             (max_traces is not None and len(self._live) > max_traces)
             or (max_spans is not None and self._held > max_spans)
+            or (max_bytes is not None and self._bytes > max_bytes)
         ):
             trace_id = next(iter(self._live))
             for run in list(self._live[trace_id].runs.values()):

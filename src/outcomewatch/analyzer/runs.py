@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Literal
@@ -36,6 +36,49 @@ def span_key(span: Span) -> SpanKey:
 
 def _ns(d: timedelta) -> int:
     return (d // timedelta(microseconds=1)) * 1000
+
+
+# -- what live state costs in memory, estimated for the byte budget (``max_live_bytes``) -------
+# Bytes on CPython 3.11, 64-bit, measured with tracemalloc (bench/bench_memory.py prints the
+# measured figures beside these estimates). A trace's own state: LiveTrace, its dicts, its entry
+# in the engine's index and due heap; a selector's Kept (with its first span's key); an open
+# run's: OpenRun, its id, its deadline and heap entry. Held spans are counted by ``span_bytes``.
+TRACE_BYTES = 480
+KEPT_BYTES = 450
+RUN_BYTES = 430
+_SPAN_BYTES = 420  # a decoded Span without attributes: the object, its ids, an empty dict
+_EVENT_BYTES = 320
+_LINK_BYTES = 340
+_ENTRY_BYTES = 71  # a dict entry and its key's str header
+_STR_BYTES = 49
+_SCALAR_BYTES = 32
+
+
+def span_bytes(span: Span) -> int:
+    """The memory a decoded span holds, estimated from the lengths of its strings and the
+    numbers of its values (within ~10% of tracemalloc's figure for typical spans). Its resource
+    is shared with the other spans of its request, and not counted."""
+    size = _SPAN_BYTES + len(span.name) + len(span.status_message)
+    size += _mapping_bytes(span.attributes)
+    for event in span.events:
+        size += _EVENT_BYTES + len(event.name) + _mapping_bytes(event.attributes)
+    for link in span.links:
+        size += _LINK_BYTES + _mapping_bytes(link.attributes)
+    return size
+
+
+def _mapping_bytes(values: Mapping[str, AttributeValue]) -> int:
+    return sum(_ENTRY_BYTES + len(key) + _value_bytes(value) for key, value in values.items())
+
+
+def _value_bytes(value: AttributeValue) -> int:
+    if isinstance(value, str):
+        return _STR_BYTES + len(value)
+    if isinstance(value, list):
+        return 56 + sum(8 + _value_bytes(item) for item in value)
+    if isinstance(value, dict):
+        return 64 + _mapping_bytes(value)
+    return _SCALAR_BYTES
 
 
 @dataclass(eq=False, slots=True)
@@ -181,18 +224,24 @@ def group_values(rule: Rule, trigger: Span) -> GroupValues:
     return tuple((key, trigger.lookup(key)) for key in rule.group_by)
 
 
+_NO_HEAP: list[tuple[int, SpanKey]] = []  # shared by every Kept without ``latest``; never grown
+
+
 class Kept:
     """At most ``cap`` distinct spans matching one selector. ``latest`` (for ``after: trigger``)
     keeps the ``cap`` latest-starting ones: if ``k`` spans start after a trigger, the ``k``
-    latest-starting spans all do, so the answer for any trigger that comes later is exact."""
+    latest-starting spans all do, so the answer for any trigger that comes later is exact.
+    ``bytes``: the estimated memory of the spans kept (``span_bytes``)."""
 
-    __slots__ = ("_heap", "cap", "latest", "spans")
+    __slots__ = ("_heap", "bytes", "cap", "latest", "spans")
 
     def __init__(self, cap: int, latest: bool) -> None:
         self.cap = cap
         self.latest = latest
+        self.bytes = 0
         self.spans: dict[SpanKey, Span] = {}
-        self._heap: list[tuple[int, SpanKey]] = []  # (start_ns, key); lazily pruned
+        # (start_ns, key), lazily pruned; only ``latest`` needs one (one list less per trace).
+        self._heap = [] if latest else _NO_HEAP
 
     def add(self, span: Span) -> int:
         """Keep ``span`` if it is worth keeping; returns how many more spans are held (0/1)."""
@@ -201,6 +250,7 @@ class Kept:
             return 0
         if len(self.spans) < self.cap:
             self.spans[key] = span
+            self.bytes += span_bytes(span)
             if self.latest:
                 heapq.heappush(self._heap, (span.start_ns, key))
             return 1
@@ -212,12 +262,16 @@ class Kept:
         if span.start_ns <= start:
             return 0
         heapq.heapreplace(self._heap, (span.start_ns, key))
-        del self.spans[oldest]
+        self.bytes += span_bytes(span) - span_bytes(self.spans.pop(oldest))
         self.spans[key] = span
         return 0
 
     def discard(self, key: SpanKey) -> int:
-        return 0 if self.spans.pop(key, None) is None else 1
+        span = self.spans.pop(key, None)
+        if span is None:
+            return 0
+        self.bytes -= span_bytes(span)
+        return 1
 
     def __len__(self) -> int:
         return len(self.spans)
@@ -232,23 +286,30 @@ class OpenRun:
     deadline_at: datetime | None
     group: GroupValues
     values: CorrelationKey | None  # the trigger's correlate values (None: not correlated)
-    matched: list[dict[SpanKey, Span]]  # per expectation: the distinct spans counted
+    # Per expectation: the distinct spans counted; None until the first (a dict less each).
+    matched: list[dict[SpanKey, Span] | None]
     forbidden: Span | None = None
-    linked: set[str] = field(default_factory=set)  # other traces linked to the trigger's
+    linked: set[str] | None = None  # other traces linked to the trigger's (None: none yet)
 
     @property
     def trace_id(self) -> str:
         return self.trigger.trace_id
 
+    def counted(self, expect: Expect) -> int:
+        matched = self.matched[expect.index]
+        return 0 if matched is None else len(matched)
+
     def wants(self, expect: Expect) -> bool:
         """Whether another matching span could still change this run's verdict."""
-        return expect.most is not None or len(self.matched[expect.index]) < expect.need
+        return expect.most is not None or self.counted(expect) < expect.need
 
     def offer(self, expect: Expect, span: Span) -> bool:
         """Count ``span`` (it matches ``expect``'s selector); True if it counted."""
         if not self.wants(expect) or not expect.counts(span, self.trigger):
             return False
         matched = self.matched[expect.index]
+        if matched is None:
+            matched = self.matched[expect.index] = {}
         key = (span.trace_id, span.span_id)
         if key in matched:
             return False
@@ -256,7 +317,7 @@ class OpenRun:
         return True
 
     def unmet(self) -> list[Expect]:
-        return [e for e in self.rule.expects if len(self.matched[e.index]) < e.need]
+        return [e for e in self.rule.expects if self.counted(e) < e.need]
 
     def missing(self) -> tuple[str, ...]:
         return tuple(e.selector.span for e in self.unmet())
@@ -265,12 +326,13 @@ class OpenRun:
         """The spans counted beyond an upper bound, in the order they were counted."""
         extra: list[Span] = []
         for e in self.rule.expects:
-            if e.most is not None and len(self.matched[e.index]) > e.most:
-                extra.extend(list(self.matched[e.index].values())[e.most:])
+            matched = self.matched[e.index]
+            if e.most is not None and matched is not None and len(matched) > e.most:
+                extra.extend(list(matched.values())[e.most:])
         return tuple(extra)
 
     def last_outcome_end_ns(self) -> int:
-        ends = [s.end_ns for matched in self.matched for s in matched.values()]
+        ends = [s.end_ns for matched in self.matched if matched for s in matched.values()]
         return max(ends, default=self.trigger.start_ns)
 
     def settle(self, wait_over: FailureReason | None) -> Verdict | None:
@@ -292,31 +354,35 @@ class OpenRun:
 
 @dataclass(eq=False, slots=True)
 class LiveTrace:
-    """A trace the engine holds state for: kept candidate spans and open runs."""
+    """A trace the engine holds state for: kept candidate spans and open runs.
+
+    Its outcomes are offered to its open runs by a scan of ``runs`` (filtered by rule): an index
+    per expectation cost ~500 bytes per run, and a trace holds a few runs, not thousands."""
 
     trace_id: str
     last_seen: datetime
     first_received_ns: int
     kept: dict[Expect | Forbid, Kept] = field(default_factory=dict)
     runs: dict[str, OpenRun] = field(default_factory=dict)
-    # per expectation, the runs of this trace still wanting spans that match it
-    waiting: dict[Expect, dict[str, OpenRun]] = field(default_factory=dict)
     held: int = 0  # kept spans + triggers of open runs
     had_run: bool = False  # once a run opened here, its outcomes no longer wait for a trigger
     last_received_ns: int = 0  # when its newest span arrived (bounds the evidence query)
+    bytes: int = TRACE_BYTES  # estimated memory: own state, kept spans, open runs (+ triggers)
 
     def keep(self, what: Expect | Forbid, span: Span) -> int:
+        """Keep ``span`` for ``what`` if worth it; returns how many more spans are held (0/1).
+        ``bytes`` follows (a replaced span may change it when none is added)."""
         kept = self.kept.get(what)
         if kept is None:
             after = isinstance(what, Expect) and what.selector.after_trigger
             kept = self.kept[what] = Kept(what.cap, after)
+            self.bytes += KEPT_BYTES
+        before = kept.bytes
         added = kept.add(span)
         self.held += added
+        self.bytes += kept.bytes - before
         return added
 
-    def unwait(self, expect: Expect, run_id: str) -> None:
-        waiting = self.waiting.get(expect)
-        if waiting is not None:
-            waiting.pop(run_id, None)
-            if not waiting:
-                del self.waiting[expect]
+    def waiting(self, expect: Expect) -> list[OpenRun]:
+        """The open runs of this trace that ``expect`` belongs to and that still want spans."""
+        return [run for run in self.runs.values() if run.rule is expect.rule and run.wants(expect)]

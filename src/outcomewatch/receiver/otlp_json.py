@@ -1,8 +1,11 @@
 """OTLP/JSON request bodies -> ExportTraceServiceRequest.
 
 OTLP/JSON is the protobuf JSON mapping with one difference that matters: trace and span ids
-are hex, not base64. Field names may be lowerCamelCase or snake_case, enums names or integers;
-unknown fields are ignored, as the OTLP spec asks of receivers.
+are hex, not base64 (case-insensitive, as the OTLP spec says: uppercase hex gives the same
+bytes, so ids are stored lowercase). Field names may be lowerCamelCase or snake_case, enums
+integers or their known names (the spec asks senders for integers; an unknown name is refused,
+not read as 0); unknown fields are ignored, as the OTLP spec asks of receivers. A key given twice
+in one object is refused: which of its values counts differs between parsers.
 
 The document is checked against the message descriptors, field by field, before
 ``json_format.ParseDict`` sees it, for two reasons: ParseDict silently accepts a string where
@@ -54,7 +57,7 @@ def parse_json(body: bytes) -> ExportTraceServiceRequest:
     if not body.strip():
         return ExportTraceServiceRequest()
     try:
-        document = json.loads(body)
+        document = json.loads(body, object_pairs_hook=_object)
     except ValueError as exc:  # bad JSON or encoding, or an integer of over 4300 digits
         raise InvalidPayload(f"invalid JSON: {exc}") from exc
     except RecursionError as exc:
@@ -73,6 +76,28 @@ def parse_json(body: bytes) -> ExportTraceServiceRequest:
     return request
 
 
+class _Repeated(dict[str, Any]):
+    """A JSON object that repeated a key (the last value kept, as json.loads does); refused
+    once the check reaches it, so that the error can say where it is."""
+
+    __slots__ = ("repeated",)
+    repeated: str
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    repeated = _Repeated(obj)
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            repeated.repeated = key
+            break
+        seen.add(key)
+    return repeated
+
+
 @functools.cache
 def _fields(descriptor: Descriptor) -> dict[str, FieldDescriptor]:
     by_name = {field.name: field for field in descriptor.fields}
@@ -88,6 +113,10 @@ def _check_message(obj: dict[str, Any], descriptor: Descriptor, where: str, dept
     in place; raise InvalidPayload with the path of the first field of the wrong type."""
     if depth > MAX_DEPTH:
         raise InvalidPayload(f"{where}: nested more than {MAX_DEPTH} messages deep")
+    if isinstance(obj, _Repeated):
+        # Which value counts would be the parser's choice, and not every parser's the same.
+        raise InvalidPayload(f"{where + ': ' if where else ''}duplicate key {obj.repeated!r}"
+                             " (a key may appear once per object)")
     fields = _fields(descriptor)
     for key, value in obj.items():
         field = fields.get(key)
@@ -129,7 +158,15 @@ def _check_value(value: Any, field: FieldDescriptor, path: str, depth: int) -> A
     elif cpp_type in (_F.CPPTYPE_DOUBLE, _F.CPPTYPE_FLOAT):
         _check_number(value, path)
     elif cpp_type == _F.CPPTYPE_ENUM and isinstance(value, str):
-        pass  # an enum value's name; one this version does not know reads as 0
+        # OTLP/JSON sends enums as integers; a known name is accepted too (the protobuf JSON
+        # mapping's form, which some exporters write), an unknown one would read as 0.
+        assert field.enum_type is not None  # set on every enum field
+        if value not in field.enum_type.values_by_name:
+            names = ", ".join(field.enum_type.values_by_name)
+            raise InvalidPayload(
+                f"{path}: {value[:40]!r} is not a {field.enum_type.name}: OTLP/JSON sends enums "
+                f"as integers (these names are accepted too: {names})"
+            )
     else:
         _check_integer(value, _INT_RANGES[cpp_type], path)
     return value
