@@ -14,8 +14,6 @@ from outcomewatch.cli import MIN_LIVE_BYTES, default_live_bytes, memory_limit_by
 from tests.processes import make_request, make_span, serving
 
 
-@pytest.mark.xfail(strict=True, reason="needs server.py to pass Settings.max_live_bytes to Engine"
-                   " (Server._new_engine: max_live_bytes=self.settings.max_live_bytes)")
 def test_a_server_over_its_byte_budget_evaluates_the_oldest_traces_early(
     tmp_path: Path,
 ) -> None:

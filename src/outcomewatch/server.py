@@ -194,7 +194,8 @@ class Server:
         return Engine(
             self.source.rules, idle=self.settings.trace_idle, clock=self.clock,
             max_live_traces=self.settings.max_live_traces,
-            max_live_spans=self.settings.max_live_spans, schedule_since=schedule_since,
+            max_live_spans=self.settings.max_live_spans,
+            max_live_bytes=self.settings.max_live_bytes, schedule_since=schedule_since,
         )
 
     def _warn_unrouted(self) -> None:
