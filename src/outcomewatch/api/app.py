@@ -12,12 +12,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from outcomewatch import __version__
+from outcomewatch.api import console
 from outcomewatch.api.auth import AUTH_RESPONSES, Tokens, require_read, require_write
 from outcomewatch.api.deps import IncidentActions
 from outcomewatch.api.routes import actions as actions_routes
 from outcomewatch.api.routes import health, v1
 from outcomewatch.api.routes import metrics as metrics_routes
 from outcomewatch.api.routes import rules as rules_routes
+from outcomewatch.api.routes import search as search_routes
 from outcomewatch.api.routes.rules import RulesAdmin
 from outcomewatch.api.schemas import ErrorOut
 from outcomewatch.errors import StoreError
@@ -112,7 +114,9 @@ def create_app(
     """
     if api_token == "" or read_token == "":
         raise ValueError("api_token and read_token must be None or non-empty")
-    app = FastAPI(title=title, version=__version__, description=DESCRIPTION, openapi_tags=TAGS)
+    # /docs and /redoc are the console's (served offline, see api/console), not FastAPI's CDN ones.
+    app = FastAPI(title=title, version=__version__, description=DESCRIPTION, openapi_tags=TAGS,
+                  docs_url=None, redoc_url=None)
     app.state.reader = reader
     app.state.ready = ready
     app.state.actions = actions
@@ -126,6 +130,8 @@ def create_app(
     reads = [Depends(require_read)]
     app.include_router(v1.router, prefix="/api/v1", dependencies=reads,
                        responses=AUTH_RESPONSES | STORE_UNAVAILABLE)
+    app.include_router(search_routes.router, prefix="/api/v1", dependencies=reads,
+                       responses=AUTH_RESPONSES | STORE_UNAVAILABLE)
     app.include_router(actions_routes.router, prefix="/api/v1",
                        dependencies=[Depends(require_write)], responses=AUTH_RESPONSES)
     app.include_router(metrics_routes.router, dependencies=reads, responses=AUTH_RESPONSES)
@@ -133,4 +139,5 @@ def create_app(
                        responses=AUTH_RESPONSES)
     app.include_router(rules_routes.write_router, prefix="/api/v1",
                        dependencies=[Depends(require_write)], responses=AUTH_RESPONSES)
+    console.install(app)
     return app

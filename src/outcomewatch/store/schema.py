@@ -53,7 +53,10 @@ CREATE TABLE IF NOT EXISTS runs (
     group_key VARCHAR NOT NULL DEFAULT '',
     -- Outcomes that arrived after the verdict: recorded, never erasing the failure.
     late_outcomes VARCHAR[] NOT NULL DEFAULT [],
-    late_at TIMESTAMPTZ
+    late_at TIMESTAMPTZ,
+    -- Spans that matched an expectation's span/service but not its other conditions, while the
+    -- run was open: a JSON list of {"name", "status_message"} (see MIGRATIONS).
+    at_risk JSON NOT NULL DEFAULT '[]'
 );
 
 CREATE SEQUENCE IF NOT EXISTS incident_ids START 1;
@@ -145,4 +148,11 @@ CREATE TABLE IF NOT EXISTS incident_failures (
     detail JSON NOT NULL,
     group_key VARCHAR NOT NULL DEFAULT ''
 );
+"""
+
+# Run after DDL on every open, in order; each statement is idempotent. A file created before a
+# column existed gets it here. (duckdb refuses ``NOT NULL`` with ``ADD COLUMN IF NOT EXISTS``, so
+# on such files the column is nullable and readers take NULL as the default.)
+MIGRATIONS = """
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS at_risk JSON DEFAULT '[]';
 """
