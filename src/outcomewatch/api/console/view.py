@@ -86,6 +86,8 @@ def duration(ms: float | None) -> str:
     """``1.2 s``, ``340 ms``, ``4 min 5 s``; an em dash for None."""
     if ms is None:
         return "—"
+    if ms < 0.001:
+        return "0 ms"
     if ms < 1:
         return f"{ms * 1000:.0f} µs"
     if ms < 1000:
