@@ -218,3 +218,50 @@ def test_with_a_read_token_pages_ask_for_it_and_accept_it_as_a_session_cookie(tm
         assert client.get("/").status_code == 200
         assert client.get("/runs", headers={"Authorization": "Bearer wrong"}).status_code == 401
     conn.close()
+
+
+def test_a_run_at_risk_shows_its_spans_in_the_api_on_the_runs_page_and_in_the_header(tmp_path):
+    # The engine fills runs.at_risk (not yet); here the row is written as the writer will.
+    import duckdb
+
+    from outcomewatch.api.app import create_app
+    from outcomewatch.store.queries import Reader
+    from outcomewatch.store.schema import DDL, MIGRATIONS
+    from tests.servers import running_asgi
+
+    conn = duckdb.connect(str(tmp_path / "ow.duckdb"))
+    conn.execute(DDL)
+    conn.execute(MIGRATIONS)  # idempotent on a file that already has the columns
+    conn.execute(
+        "INSERT INTO runs (id, rule, trace_id, trigger_span_id, status, opened_at, deadline_at,"
+        " at_risk) VALUES ('r1', 'report', ?, ?, 'open', now(), now() + INTERVAL 10 MINUTE, ?)",
+        ["ab" * 16, "cd" * 8,
+         '[{"name": "email.delivered", "status_message": "<b>550 mailbox unavailable</b>"}]'])
+    with running_asgi(create_app(Reader(conn))) as base, httpx.Client(base_url=base) as client:
+        (run,) = client.get("/api/v1/runs").json()["runs"]
+        assert run["at_risk"] == [
+            {"name": "email.delivered", "status_message": "<b>550 mailbox unavailable</b>"}]
+        assert run["due_at"] is not None
+        html = client.get("/runs").text
+        assert 'class="pill s-risk"' in html
+        assert "&lt;b&gt;550 mailbox unavailable&lt;/b&gt;" in html
+        assert '<strong id="count-risk">1</strong>' in client.get("/").text
+    conn.close()
+
+
+def test_the_migration_adds_at_risk_to_a_file_made_before_it(tmp_path):
+    import duckdb
+
+    from outcomewatch.store.queries import Reader
+    from outcomewatch.store.schema import DDL, MIGRATIONS
+
+    conn = duckdb.connect(str(tmp_path / "old.duckdb"))
+    conn.execute(DDL.replace(",\n    -- Spans that matched", "\n    -- Spans that matched", 1)
+                 .replace("    at_risk JSON NOT NULL DEFAULT '[]'\n", ""))
+    conn.execute("INSERT INTO runs (id, rule, trace_id, trigger_span_id, status, opened_at)"
+                 " VALUES ('r0', 'old', ?, ?, 'passed', now())", ["ab" * 16, "cd" * 8])
+    conn.execute(MIGRATIONS)
+    conn.execute(MIGRATIONS)
+    (run,) = Reader(conn).list_runs_by(limit=10).items
+    assert (run.id, run.at_risk, run.due_at) == ("r0", (), None)
+    conn.close()
