@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from playwright import sync_api
 
 from outcomewatch.clock import ManualClock
 from outcomewatch.demo import play_round
 from tests.harness import RunningServer, running_server
 from tests.system import require
-
-sync_api = pytest.importorskip("playwright.sync_api")
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
