@@ -4,14 +4,16 @@ The browser itself is in test_console_browser.py."""
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from opentelemetry.trace import Tracer
 
 from outcomewatch.clock import ManualClock
 from outcomewatch.demo import crm_task, payment_failed, scheduled_report
@@ -25,6 +27,11 @@ def live(tmp_path: Path) -> Iterator[RunningServer]:
     # The clock starts at the real now: the SDK stamps spans with the real time.
     with running_server(tmp_path, clock=ManualClock(datetime.now(UTC))) as running:
         yield running
+
+
+def services(server: RunningServer) -> Callable[[str], Tracer]:
+    """A tracer per service, as the demo's stories take them, exporting to ``server``."""
+    return functools.cache(lambda service: server.tracer("grpc", **{"service.name": service}))
 
 
 def incidents(server: RunningServer, count: int) -> list[dict[str, Any]]:
@@ -42,7 +49,7 @@ def page(server: RunningServer, path: str, **params: Any) -> httpx.Response:
 
 
 def test_the_first_page_lists_each_incident_with_owner_route_and_summary(live):
-    crm_task(live.tracer("grpc", **{"service.name": "crm-sync"}), 1, accepted=False)
+    crm_task(services(live), 1, accepted=False)
     (incident,) = incidents(live, 1)
 
     response = page(live, "/")
@@ -56,7 +63,7 @@ def test_the_first_page_lists_each_incident_with_owner_route_and_summary(live):
 
 
 def test_every_page_is_served_with_a_strict_content_security_policy(live):
-    crm_task(live.tracer("grpc", **{"service.name": "crm-sync"}), 1, accepted=False)
+    crm_task(services(live), 1, accepted=False)
     (incident,) = incidents(live, 1)
     (run,) = live.runs()
     for path in ("/", f"/incidents/{incident['id']}", f"/traces/{run['trace_id']}", "/runs",
@@ -70,7 +77,7 @@ def test_every_page_is_served_with_a_strict_content_security_policy(live):
 
 
 def test_the_incident_file_names_what_was_missing_and_the_error_message(live):
-    crm_task(live.tracer("grpc", **{"service.name": "crm-sync"}), 1, accepted=False)
+    crm_task(services(live), 1, accepted=False)
     (incident,) = incidents(live, 1)
 
     html = page(live, f"/incidents/{incident['id']}").text
@@ -96,9 +103,8 @@ def test_span_strings_are_escaped_on_every_page_that_shows_them(live):
 
 
 def test_search_finds_the_runs_of_a_customer_and_says_which_key_matched(live):
-    tracer = live.tracer("grpc", **{"service.name": "billing"})
-    payment_failed(tracer, 7, outcome="ok")
-    payment_failed(tracer, 8, outcome="ok")
+    payment_failed(services(live), 7, outcome="ok")
+    payment_failed(services(live), 8, outcome="ok")
     live.wait_for(lambda: len(live.runs()) == 2, what="two runs")
 
     body = live.get("/api/v1/search", q="cus_demo007")
@@ -130,7 +136,7 @@ def test_search_pages_through_many_runs_newest_first(live):
 
 
 def test_a_trace_id_is_searched_as_that_trace(live):
-    scheduled_report(live.tracer("grpc", **{"service.name": "reports"}), 1, delivered=True)
+    scheduled_report(services(live), 1, delivered=True)
     (run,) = live.wait_for(live.runs, what="the run")
 
     body = live.get("/api/v1/search", q=run["trace_id"])
@@ -143,8 +149,7 @@ def test_a_trace_id_is_searched_as_that_trace(live):
 
 
 def test_an_open_run_is_due_at_its_deadline_and_a_closed_one_is_not_due(live):
-    tracer = live.tracer("grpc", **{"service.name": "billing"})
-    payment_failed(tracer, 1, outcome="no_job")
+    payment_failed(services(live), 1, outcome="no_job")
     (run,) = live.wait_for(live.runs, what="the run")
     assert run["status"] == "open"
     assert run["at_risk"] == []
@@ -159,8 +164,8 @@ def test_an_open_run_is_due_at_its_deadline_and_a_closed_one_is_not_due(live):
 
 
 def test_the_runs_page_filters_by_reason(live):
-    crm_task(live.tracer("grpc", **{"service.name": "crm-sync"}), 1, accepted=False)
-    crm_task(live.tracer("grpc", **{"service.name": "crm-sync"}), 2, accepted=True)
+    crm_task(services(live), 1, accepted=False)
+    crm_task(services(live), 2, accepted=True)
     live.wait_for(lambda: {r["status"] for r in live.runs()} == {"passed", "failed"},
                   what="both verdicts")
 
@@ -172,7 +177,7 @@ def test_the_runs_page_filters_by_reason(live):
 
 
 def test_the_rules_page_shows_each_rule_with_its_counts_and_chart(live):
-    crm_task(live.tracer("grpc", **{"service.name": "crm-sync"}), 1, accepted=True)
+    crm_task(services(live), 1, accepted=True)
     live.wait_for(lambda: live.runs(status="passed"), what="a pass")
 
     html = page(live, "/rules").text

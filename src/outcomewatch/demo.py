@@ -13,18 +13,19 @@ import asyncio
 import re
 import shutil
 import signal
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
+from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.trace import Status, StatusCode, Tracer
+from opentelemetry.trace import Status, StatusCode, Tracer, set_span_in_context
 
 from outcomewatch.durations import format_duration, parse_duration
 
@@ -69,122 +70,159 @@ def fresh_db(path: Path) -> Path:
 DEPLOY = {"service.version": "2026.11.3-9f1c2ab", "host.name": "worker-7"}
 
 
-def _ok(tracer: Tracer, name: str, **attributes: Any) -> None:
-    with tracer.start_as_current_span(name, attributes=attributes) as span:
+class Play:
+    """One story's trace, as services would send it: a root span and its steps, each step from
+    its own service's tracer (the trace context passed on, as across a queue or an HTTP call),
+    placed at offsets in milliseconds from a start ``total_ms`` before now (deadlines count
+    from the trigger's start, so the story lies in the recent past, never in the future)."""
+
+    def __init__(self, tracer: Callable[[str], Tracer], total_ms: float) -> None:
+        self._tracer = tracer
+        self._t0 = time.time_ns() - int(total_ms * 1e6)
+        self._context: Context | None = None
+
+    def _at(self, ms: float) -> int:
+        return self._t0 + int(ms * 1e6)
+
+    @contextmanager
+    def root(self, service: str, name: str, duration_ms: float,
+             **attributes: Any) -> Iterator[None]:
+        span = self._tracer(service).start_span(name, attributes=attributes,
+                                                start_time=self._at(0))
+        self._context = set_span_in_context(span)
+        try:
+            yield
+        finally:
+            span.set_status(Status(StatusCode.OK))
+            span.end(end_time=self._at(duration_ms))  # children end (and are sent) first
+
+    def ok(self, service: str, name: str, start_ms: float, duration_ms: float,
+           **attributes: Any) -> None:
+        span = self._tracer(service).start_span(
+            name, context=self._context, attributes=attributes, start_time=self._at(start_ms))
         span.set_status(Status(StatusCode.OK))
+        span.end(end_time=self._at(start_ms + duration_ms))
 
-
-def _error(tracer: Tracer, name: str, message: str, **attributes: Any) -> None:
-    with tracer.start_as_current_span(
-        name, attributes=attributes, record_exception=False, set_status_on_exception=False
-    ) as span:
-        span.record_exception(RuntimeError(message))
+    def error(self, service: str, name: str, message: str, start_ms: float, duration_ms: float,
+              **attributes: Any) -> None:
+        span = self._tracer(service).start_span(
+            name, context=self._context, attributes=attributes, start_time=self._at(start_ms))
+        span.record_exception(RuntimeError(message), timestamp=self._at(start_ms + duration_ms))
         span.set_status(Status(StatusCode.ERROR, message))
+        span.end(end_time=self._at(start_ms + duration_ms))
 
 
-def payment_failed(tracer: Tracer, n: int, *, outcome: str) -> None:
+Tracers = Callable[[str], Tracer]
+
+
+def payment_failed(tracer: Tracers, n: int, *, outcome: str) -> None:
     """01. outcome: ``ok``; ``no_job`` (the webhook answered 200, nothing else happened: waits
     for the deadline); ``rejected`` (the mail provider refused the dunning email: fails now)."""
-    with tracer.start_as_current_span("stripe.webhook", attributes={
+    play = Play(tracer, 1800)
+    with play.root("billing", "stripe.webhook", 180, **{
         "event.type": "invoice.payment_failed", "subscription.id": f"sub_demo{n:03d}",
         "customer.id": f"cus_demo{n:03d}", "invoice.id": f"in_demo{n:03d}",
         "http.response.status_code": 200,
     }):
-        _ok(tracer, "subscription.local_state.update")
+        play.ok("billing", "subscription.local_state.update", 12, 35)
         if outcome == "ok":
-            _ok(tracer, "entitlement.updated", plan="past_due")
-            _ok(tracer, "email.delivered", **{"email.template": "dunning"})
+            play.ok("entitlements", "entitlement.updated", 420, 160, plan="past_due")
+            play.ok("mailer", "email.delivered", 900, 640, **{"email.template": "dunning"})
         elif outcome == "rejected":
-            _ok(tracer, "entitlement.updated", plan="past_due")
-            _error(tracer, "email.send", "413 Payload Too Large: attachment exceeds 10 MB", **{
-                "email.template": "dunning", "http.response.status_code": 413,
-                "provider": "postmark", "provider.response": '{"ErrorCode": 300}'})
+            play.ok("entitlements", "entitlement.updated", 420, 160, plan="past_due")
+            play.error("mailer", "email.send", "413 Payload Too Large: attachment exceeds 10 MB",
+                       900, 310, **{"email.template": "dunning",
+                                    "http.response.status_code": 413, "provider": "postmark",
+                                    "provider.response": '{"ErrorCode": 300}'})
 
 
-def scheduled_report(tracer: Tracer, n: int, *, delivered: bool) -> None:
+def scheduled_report(tracer: Tracers, n: int, *, delivered: bool) -> None:
     """02. The report renders; its email is delivered, or the provider refuses it."""
-    with tracer.start_as_current_span("report.generate", attributes={
+    play = Play(tracer, 1600)
+    with play.root("reports", "report.generate", 1500, **{
         "report.schedule": "daily-08:00", "report.id": f"rep_demo{n:03d}",
         "customer.id": f"cus_rep{n:03d}",
     }):
-        _ok(tracer, "report.query", rows=1200)
-        _ok(tracer, "report.render")
+        play.ok("reports", "report.query", 20, 640, rows=1200)
+        play.ok("reports", "report.render", 680, 520)
         if delivered:
-            _ok(tracer, "email.delivered", provider="postmark")
+            play.ok("mailer", "email.delivered", 1220, 250, provider="postmark")
         else:
-            _error(tracer, "email.send", "550 5.1.1 mailbox unavailable", provider="postmark",
-                   **{"smtp.reply_code": 550})
+            play.error("mailer", "email.send", "550 5.1.1 mailbox unavailable", 1220, 180,
+                       provider="postmark", **{"smtp.reply_code": 550})
 
 
-def model_batch(tracer: Tracer, n: int, *, persisted: bool) -> None:
+def model_batch(tracer: Tracers, n: int, *, persisted: bool) -> None:
     """03. The model call succeeds; the results are validated and published, or not."""
-    with tracer.start_as_current_span("batch.process", attributes={
-        "batch.size": 32, "batch.id": f"b-demo-{n:03d}"}):
-        _ok(tracer, "model.call", model="classifier-v4")
+    play = Play(tracer, 1500)
+    with play.root("inference", "batch.process", 1400, **{
+            "batch.size": 32, "batch.id": f"b-demo-{n:03d}"}):
+        play.ok("inference", "model.call", 10, 820, model="classifier-v4")
         if persisted:
-            _ok(tracer, "result.validated")
-            _ok(tracer, "result.persisted")
-            _ok(tracer, "result.published")
+            play.ok("inference", "result.validated", 850, 90)
+            play.ok("results-store", "result.persisted", 960, 210)
+            play.ok("product-api", "result.published", 1190, 150)
         else:
-            _error(tracer, "result.validated", "schema mismatch: field 'score' is null")
+            play.error("inference", "result.validated",
+                       "schema mismatch: field 'score' is null", 850, 90)
 
 
-def crm_task(tracer: Tracer, n: int, *, accepted: bool) -> None:
+def crm_task(tracer: Tracers, n: int, *, accepted: bool) -> None:
     """04. The queue drains; the CRM accepts the update, or answers 422."""
-    with tracer.start_as_current_span("queue.consume", attributes={
+    play = Play(tracer, 1200)
+    with play.root("crm-sync", "queue.consume", 1100, **{
         "task.type": "crm.contact_update", "task.id": f"task-demo{n:03d}",
         "external.id": f"hs-contact-{5500 + n}"}):
         if accepted:
-            _ok(tracer, "external.update", **{"http.response.status_code": 200})
-            _ok(tracer, "state.reconciled")
+            play.ok("crm-sync", "external.update", 40, 610,
+                    **{"http.response.status_code": 200})
+            play.ok("crm-sync", "state.reconciled", 700, 120)
         else:
-            with tracer.start_as_current_span("external.update", attributes={
-                "http.response.status_code": 422,
-                "http.response.body": "property 'lifecyclestage' invalid"}) as update:
-                update.set_status(Status(StatusCode.ERROR,
-                                         "422: property 'lifecyclestage' invalid"))
+            play.error("crm-sync", "external.update", "422: property 'lifecyclestage' invalid",
+                       40, 380, **{"http.response.status_code": 422,
+                                   "http.response.body": "property 'lifecyclestage' invalid"})
 
 
-def backup_drill(tracer: Tracer, n: int, *, outcome: str) -> None:
+def backup_drill(tracer: Tracers, n: int, *, outcome: str) -> None:
     """05. outcome: ``ok``; ``no_restore`` (uploaded, never restored: waits for the deadline);
     ``restore_failed`` (a restore attempt failed: at risk, a retry may still succeed);
     ``undecryptable`` (the decrypt check failed: fails now)."""
-    with tracer.start_as_current_span("backup.run", attributes={"backup.id": f"bk-demo{n:03d}"}):
-        _ok(tracer, "backup.dump")
-        _ok(tracer, "backup.upload", bucket="backups-eu")
+    play = Play(tracer, 2000)
+    with play.root("backup", "backup.run", 1900, **{"backup.id": f"bk-demo{n:03d}"}):
+        play.ok("backup", "backup.dump", 10, 700)
+        play.ok("backup", "backup.upload", 720, 480, bucket="backups-eu")
         if outcome == "ok":
-            _ok(tracer, "backup.decrypt_check")
-            _ok(tracer, "restore.verify", tables=214)
+            play.ok("restore-drill", "backup.decrypt_check", 1210, 150)
+            play.ok("restore-drill", "restore.verify", 1370, 500, tables=214)
         elif outcome == "restore_failed":
-            _ok(tracer, "backup.decrypt_check")
-            _error(tracer, "restore.verify", "relation \"invoices\" missing after restore")
+            play.ok("restore-drill", "backup.decrypt_check", 1210, 150)
+            play.error("restore-drill", "restore.verify",
+                       'relation "invoices" missing after restore', 1370, 420)
         elif outcome == "undecryptable":
-            _error(tracer, "backup.decrypt_check", "gpg: decryption failed: No secret key")
+            play.error("restore-drill", "backup.decrypt_check",
+                       "gpg: decryption failed: No secret key", 1210, 60)
 
 
-@dataclass(frozen=True)
-class Story:
-    service: str
-    play: Callable[[Tracer, int], None]
+Story = Callable[[Tracers, int], None]
 
 
 def stories() -> list[Story]:
     """One round: each seed story healthy and broken (broken in the ways that fail at once, that
     wait for the deadline, and that put a run at risk)."""
     return [
-        Story("billing", lambda t, n: payment_failed(t, n, outcome="ok")),
-        Story("billing", lambda t, n: payment_failed(t, n + 500, outcome="no_job")),
-        Story("billing", lambda t, n: payment_failed(t, n + 700, outcome="rejected")),
-        Story("reports", lambda t, n: scheduled_report(t, n, delivered=True)),
-        Story("reports", lambda t, n: scheduled_report(t, n + 500, delivered=False)),
-        Story("inference", lambda t, n: model_batch(t, n, persisted=True)),
-        Story("inference", lambda t, n: model_batch(t, n + 500, persisted=False)),
-        Story("crm-sync", lambda t, n: crm_task(t, n, accepted=True)),
-        Story("crm-sync", lambda t, n: crm_task(t, n + 500, accepted=False)),
-        Story("backup", lambda t, n: backup_drill(t, n, outcome="ok")),
-        Story("backup", lambda t, n: backup_drill(t, n + 500, outcome="no_restore")),
-        Story("backup", lambda t, n: backup_drill(t, n + 700, outcome="restore_failed")),
-        Story("backup", lambda t, n: backup_drill(t, n + 900, outcome="undecryptable")),
+        lambda t, n: payment_failed(t, n, outcome="ok"),
+        lambda t, n: payment_failed(t, n + 500, outcome="no_job"),
+        lambda t, n: payment_failed(t, n + 700, outcome="rejected"),
+        lambda t, n: scheduled_report(t, n, delivered=True),
+        lambda t, n: scheduled_report(t, n + 500, delivered=False),
+        lambda t, n: model_batch(t, n, persisted=True),
+        lambda t, n: model_batch(t, n + 500, persisted=False),
+        lambda t, n: crm_task(t, n, accepted=True),
+        lambda t, n: crm_task(t, n + 500, accepted=False),
+        lambda t, n: backup_drill(t, n, outcome="ok"),
+        lambda t, n: backup_drill(t, n + 500, outcome="no_restore"),
+        lambda t, n: backup_drill(t, n + 700, outcome="restore_failed"),
+        lambda t, n: backup_drill(t, n + 900, outcome="undecryptable"),
     ]
 
 
@@ -215,7 +253,7 @@ def play_round(grpc_endpoint: str, n: int) -> int:
     played = stories()
     with tracers(grpc_endpoint) as tracer:
         for story in played:
-            story.play(tracer(story.service), n)
+            story(tracer, n)
     return len(played)
 
 
