@@ -11,7 +11,7 @@ from datetime import timedelta
 
 import httpx
 
-from outcomewatch.demo import prepare_rules, scale_within
+from outcomewatch.demo import prepare_rules, run, scale_within
 from outcomewatch.rules import load_rules
 from tests.harness import EXAMPLE_RULES
 from tests.processes import wait_for
@@ -63,3 +63,48 @@ def test_the_demo_command_fills_the_console_and_stops_on_ctrl_c(tmp_path):
         code = process.wait(timeout=30)
     assert code == 0, out.read_text()
     assert (tmp_path / "demo-rules" / "05-backup-restore-proven.yaml").exists()
+
+
+class FakeServer:
+    """The two calls and two ports run() needs; the real server is in the test above."""
+
+    grpc_port = 1
+    api_port = 2
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def start(self) -> None:
+        self.calls.append("start")
+
+    async def stop(self) -> None:
+        self.calls.append("stop")
+
+
+def test_stopping_does_not_wait_for_a_round_the_exporter_is_still_retrying():
+    import asyncio
+    import io
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+
+    def stuck(endpoint: str, n: int) -> int:  # as when the server answers UNAVAILABLE
+        started.set()
+        release.wait(timeout=60)
+        return 0
+
+    async def scenario(server: FakeServer) -> None:
+        stop = asyncio.Event()
+        running = asyncio.create_task(run(
+            server, api_host="127.0.0.1", grpc_host="127.0.0.1", out=io.StringIO(),
+            every=timedelta(hours=1), play=stuck, stop=stop))
+        await asyncio.to_thread(started.wait, 10)
+        stop.set()
+        await asyncio.wait_for(running, 10)
+
+    server = FakeServer()
+    try:
+        asyncio.run(scenario(server))
+    finally:
+        release.set()
+    assert server.calls == ["start", "stop"]

@@ -13,6 +13,7 @@ import asyncio
 import re
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -236,8 +237,9 @@ def tracers(grpc_endpoint: str) -> Iterator[Callable[[str], Tracer]]:
         if service not in providers:
             provider = TracerProvider(resource=Resource.create({"service.name": service,
                                                                 **DEPLOY}))
+            # A short timeout bounds the SDK's retries when the server refuses (UNAVAILABLE).
             provider.add_span_processor(SimpleSpanProcessor(
-                OTLPSpanExporter(endpoint=grpc_endpoint, insecure=True)))
+                OTLPSpanExporter(endpoint=grpc_endpoint, insecure=True, timeout=5)))
             providers[service] = provider
         return providers[service].get_tracer("outcomewatch-demo")
 
@@ -272,11 +274,14 @@ class DemoServer(Protocol):
 
 
 async def run(server: DemoServer, *, api_host: str, grpc_host: str, out: TextIO,
-              every: timedelta, rounds: int | None = None) -> None:
+              every: timedelta, rounds: int | None = None,
+              play: Callable[[str, int], int] = play_round,
+              stop: asyncio.Event | None = None) -> None:
     """Start ``server``, print where to look, play a round of stories now and every ``every``
-    (at most ``rounds`` rounds), serve until SIGINT or SIGTERM, then stop the server."""
+    (at most ``rounds`` rounds), serve until SIGINT or SIGTERM (or until ``stop`` is set),
+    then stop the server. A round still being sent when it is told to stop is abandoned."""
     await server.start()
-    stop = asyncio.Event()
+    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -290,7 +295,9 @@ async def run(server: DemoServer, *, api_host: str, grpc_host: str, out: TextIO,
         while not stop.is_set():
             if rounds is None or played < rounds:
                 played += 1
-                sent = await asyncio.to_thread(play_round, grpc_endpoint, played)
+                sent = await _unless_stopped(stop, play, grpc_endpoint, played)
+                if sent is None:
+                    break
                 print(f"  round {played}: {sent} traces sent", file=out, flush=True)
             with suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), every.total_seconds())
@@ -298,6 +305,38 @@ async def run(server: DemoServer, *, api_host: str, grpc_host: str, out: TextIO,
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         await server.stop()
+
+
+async def _unless_stopped(stop: asyncio.Event, play: Callable[[str, int], int], endpoint: str,
+                          n: int) -> int | None:
+    """``play(endpoint, n)`` in a daemon thread; None if ``stop`` is set first. Ctrl-C must not
+    wait for a round whose exports the SDK is retrying (say, against a failing store): the
+    thread is left to its exporter's timeout, and a daemon thread never holds up the exit."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[int] = loop.create_future()
+
+    def settle(result: int | None, error: Exception | None) -> None:
+        if done.done():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result or 0)
+
+    def target() -> None:
+        try:
+            result, error = play(endpoint, n), None
+        except Exception as exc:  # handed to the loop, raised there
+            result, error = None, exc
+        with suppress(RuntimeError):  # the loop closed already: the demo stopped meanwhile
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=target, name=f"demo-round-{n}", daemon=True).start()
+    stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+    waiting: set[asyncio.Future[Any]] = {done, stopped}
+    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    return done.result() if done.done() else None
 
 
 def _host(host: str) -> str:
