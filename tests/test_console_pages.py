@@ -251,6 +251,8 @@ def test_a_run_at_risk_shows_its_spans_in_the_api_on_the_runs_page_and_in_the_he
         assert 'class="pill s-risk"' in html
         assert "&lt;b&gt;550 mailbox unavailable&lt;/b&gt;" in html
         assert '<strong id="count-risk">1</strong>' in client.get("/").text
+        no_rules = client.get("/rules")  # an app without a RulesAdmin: read-only
+        assert no_rules.status_code == 503 and "no rules are loaded here" in no_rules.text
     conn.close()
 
 

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 from urllib.parse import unquote
 
 import jinja2
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
@@ -28,7 +28,7 @@ from outcomewatch import __version__
 from outcomewatch.api.auth import Tokens
 from outcomewatch.api.console import view
 from outcomewatch.api.deps import ReaderDep
-from outcomewatch.api.routes.rules import RulesAdmin
+from outcomewatch.api.routes.rules import RulesAdmin, list_rules
 from outcomewatch.api.routes.v1 import TRACE_ID_PATTERN, IncidentId
 from outcomewatch.api.schemas import IncidentDetailOut, IncidentOut, RunOut
 from outcomewatch.api.schemas_search import SearchOut
@@ -198,11 +198,11 @@ def runs_page(
 
 @router.get("/rules", dependencies=[Depends(require_page_read)])
 def rules_page(request: Request, reader: ReaderDep) -> Response:
-    from outcomewatch.api.routes.rules import list_rules
-
     admin: RulesAdmin | None = request.app.state.rules_admin
     if admin is None:
-        raise HTTPException(503, "no rules are loaded here")
+        return render(request, "missing.html", {
+            "title": "No rules", "counts": _counts(reader),
+            "message": "no rules are loaded here (a read-only deployment)"}, status_code=503)
     listing = list_rules(admin, reader)
     chart = console_queries.hourly_verdicts(reader, now=_now())
     peak = max((b.passed + b.failed for buckets in chart.values() for b in buckets), default=0)
