@@ -68,7 +68,7 @@ FULL_DETAIL = {
         "name": "charge", "service": "payments", "span_id": CHILD, "kind": "client",
         "status": "error", "status_message": "card declined", "duration_ms": 12.5,
         "exceptions": [{"type": "CardError", "message": "declined", "stacktrace": "at charge()"}],
-        "attributes": {"http.response.status_code": 402},
+        "attributes": {"http.response.status_code": 402, "provider.body": "<b>declined</b>"},
     }],
     "green_signals": [{
         "name": "POST /checkout", "service": "checkout", "span_id": ROOT, "kind": "server",
@@ -198,6 +198,7 @@ def test_a_run_has_every_contract_field_with_utc_iso_times(client: TestClient) -
         "opened_at": "2024-05-01T12:03:00Z", "closed_at": "2024-05-01T12:08:00Z",
         "reason": "deadline", "missing": ["email.sent"],
         "late_outcomes": [], "late_at": None, "incident_id": None,
+        "due_at": None, "at_risk": [],
     }
 
 
@@ -449,7 +450,7 @@ def test_openapi_documents_every_route_with_a_title(conn: duckdb.DuckDBPyConnect
         "/api/v1/incidents/{incident_id}", "/api/v1/traces/{trace_id}",
         "/api/v1/notifications", "/api/v1/incidents/{incident_id}/acknowledge",
         "/api/v1/incidents/{incident_id}/resolve", "/api/v1/incidents/{incident_id}/reopen",
-        "/api/v1/rules", "/api/v1/rules/reload",
+        "/api/v1/rules", "/api/v1/rules/reload", "/api/v1/search", "/api/v1/replay",
     }
     for url, path in schema["paths"].items():
         for operation in path.values():

@@ -7,6 +7,8 @@
     outcomewatch test FILE...
     outcomewatch replay --rules PATH [--rules PATH ...] [--db FILE] [--since DURATION]
                         [--trace-idle DURATION] [--format text|json]
+    outcomewatch demo [--db FILE] [--grpc HOST:PORT] [--http HOST:PORT] [--api HOST:PORT]
+                      [--rules DIR] [--every DURATION]
 """
 
 from __future__ import annotations
@@ -200,6 +202,23 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--trace-idle", type=_duration_arg, default=timedelta(seconds=10),
                         metavar="DURATION", help="as for serve (default 10s)")
     replay.add_argument("--format", choices=["text", "json"], default="text")
+
+    demo = commands.add_parser(
+        "demo", help="serve the example rules on a short clock and play the seed stories")
+    demo.add_argument("--db", metavar="FILE",
+                      help="DuckDB file (default: a fresh data/demo/outcomewatch.duckdb)")
+    demo.add_argument("--grpc", type=_address_arg, default=("127.0.0.1", 4317),
+                      metavar="HOST:PORT", help="OTLP/gRPC listen address (default 127.0.0.1:4317)")
+    demo.add_argument("--http", type=_address_arg, default=("127.0.0.1", 4318),
+                      metavar="HOST:PORT", help="OTLP/HTTP listen address (default 127.0.0.1:4318)")
+    demo.add_argument("--api", type=_address_arg, default=("127.0.0.1", 8080),
+                      metavar="HOST:PORT", help="console and API address (default 127.0.0.1:8080)")
+    demo.add_argument("--rules", default="rules/examples", metavar="DIR",
+                      help="rules to copy with every `within` scaled down (default rules/examples)")
+    demo.add_argument("--every", type=_duration_arg, default=timedelta(seconds=30),
+                      metavar="DURATION", help="how often the stories play again (default 30s)")
+    demo.add_argument("--log-level", default="warning",
+                      choices=["debug", "info", "warning", "error"])
     return parser
 
 
@@ -352,6 +371,38 @@ def _replay_api(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from outcomewatch import demo
+    from outcomewatch.listeners import Address
+    from outcomewatch.server import Server, Settings
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    source = Path(args.rules)
+    if not source.is_dir():
+        print(f"outcomewatch: {source} is not a directory of rules (run from the repository, or "
+              "pass --rules rules/examples)", file=sys.stderr)
+        return 2
+    db = Path(args.db) if args.db else demo.fresh_db(Path("data/demo/outcomewatch.duckdb"))
+    rules = demo.prepare_rules(source, db.parent / "demo-rules")
+    settings = Settings(rules=(str(rules),), db=str(db), grpc=Address(*args.grpc),
+                        http=Address(*args.http), api=Address(*args.api),
+                        trace_idle=demo.TRACE_IDLE)
+    try:
+        server = Server(settings)
+        asyncio.run(demo.run(server, api_host=args.api[0], grpc_host=args.grpc[0],
+                             out=sys.stdout, every=args.every))
+    except RuleError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except (StoreError, OSError, ValueError) as exc:
+        print(f"outcomewatch: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
@@ -362,6 +413,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _test(args)
     if args.command == "replay":
         return _replay(args)
+    if args.command == "demo":
+        return _demo(args)
     return _check(args)
 
 

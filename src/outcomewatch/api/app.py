@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from outcomewatch import __version__
+from outcomewatch.api import console
 from outcomewatch.api.auth import AUTH_RESPONSES, Tokens, require_read, require_write
 from outcomewatch.api.deps import IncidentActions
 from outcomewatch.api.routes import actions as actions_routes
@@ -19,6 +20,7 @@ from outcomewatch.api.routes import backtest as backtest_routes
 from outcomewatch.api.routes import health, v1
 from outcomewatch.api.routes import metrics as metrics_routes
 from outcomewatch.api.routes import rules as rules_routes
+from outcomewatch.api.routes import search as search_routes
 from outcomewatch.api.routes.backtest import Backtest
 from outcomewatch.api.routes.rules import RulesAdmin
 from outcomewatch.api.schemas import ErrorOut
@@ -115,7 +117,9 @@ def create_app(
     """
     if api_token == "" or read_token == "":
         raise ValueError("api_token and read_token must be None or non-empty")
-    app = FastAPI(title=title, version=__version__, description=DESCRIPTION, openapi_tags=TAGS)
+    # /docs and /redoc are the console's (served offline, see api/console), not FastAPI's CDN ones.
+    app = FastAPI(title=title, version=__version__, description=DESCRIPTION, openapi_tags=TAGS,
+                  docs_url=None, redoc_url=None)
     app.state.reader = reader
     app.state.ready = ready
     app.state.actions = actions
@@ -130,6 +134,8 @@ def create_app(
     reads = [Depends(require_read)]
     app.include_router(v1.router, prefix="/api/v1", dependencies=reads,
                        responses=AUTH_RESPONSES | STORE_UNAVAILABLE)
+    app.include_router(search_routes.router, prefix="/api/v1", dependencies=reads,
+                       responses=AUTH_RESPONSES | STORE_UNAVAILABLE)
     app.include_router(actions_routes.router, prefix="/api/v1",
                        dependencies=[Depends(require_write)], responses=AUTH_RESPONSES)
     app.include_router(metrics_routes.router, dependencies=reads, responses=AUTH_RESPONSES)
@@ -139,4 +145,5 @@ def create_app(
                        dependencies=[Depends(require_write)], responses=AUTH_RESPONSES)
     app.include_router(backtest_routes.router, prefix="/api/v1",
                        dependencies=[Depends(require_write)], responses=AUTH_RESPONSES)
+    console.install(app)
     return app

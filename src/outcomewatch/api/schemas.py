@@ -31,6 +31,11 @@ class ErrorOut(BaseModel):
     detail: str
 
 
+class AtRiskSpanOut(BaseModel):
+    name: str
+    status_message: str
+
+
 class RunOut(BaseModel):
     id: str
     rule: str
@@ -44,6 +49,14 @@ class RunOut(BaseModel):
         description="Expected outcomes that arrived after the run had failed; it stays failed.")
     late_at: datetime | None = Field(description="When the latest late outcome arrived.")
     incident_id: int | None = Field(description="The incident a failed run is counted in.")
+    due_at: datetime | None = Field(
+        default=None,
+        description="When an open run will be judged (its deadline, or its trace's idle "
+                    "horizon); null for a closed run or when not yet known.")
+    at_risk: list[AtRiskSpanOut] = Field(
+        default_factory=list,
+        description="Spans that matched an expectation's span/service but not its other "
+                    "conditions (e.g. an error status): the outcome is at risk.")
 
     @classmethod
     def from_row(cls, row: RunRow) -> RunOut:
@@ -51,7 +64,9 @@ class RunOut(BaseModel):
             id=row.id, rule=row.rule, trace_id=row.trace_id, status=row.status,
             opened_at=row.opened_at, closed_at=row.closed_at, reason=row.reason,
             missing=list(row.missing), late_outcomes=list(row.late_outcomes),
-            late_at=row.late_at, incident_id=row.incident_id,
+            late_at=row.late_at, incident_id=row.incident_id, due_at=row.due_at,
+            at_risk=[AtRiskSpanOut(name=s.name, status_message=s.status_message)
+                     for s in row.at_risk],
         )
 
 

@@ -61,6 +61,18 @@ class RunRow:
     late_outcomes: tuple[str, ...] = ()  # outcomes that arrived after the run failed
     late_at: datetime | None = None
     incident_id: int | None = None
+    # When an open run will be judged (its deadline; the idle horizon once the engine stores
+    # it); None for a closed run, or an open one waiting for its trace to go idle.
+    due_at: datetime | None = None
+    at_risk: tuple[AtRiskSpan, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AtRiskSpan:
+    """A span that matched an expectation's span/service but not its other conditions."""
+
+    name: str
+    status_message: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +188,7 @@ def _utf8(value: str) -> bool:
 
 
 _RUN_COLUMNS = """id, rule, trace_id, status, epoch_us(opened_at), epoch_us(closed_at), reason,
-    missing, late_outcomes, epoch_us(late_at), incident_id"""
+    missing, late_outcomes, epoch_us(late_at), incident_id, epoch_us(deadline_at), at_risk"""
 _INCIDENT_COLUMNS = """id, rule, status, severity, owner, route, epoch_us(opened_at),
     epoch_us(last_failure_at), failure_count, summary, description, group_key,
     epoch_us(acknowledged_at), epoch_us(resolved_at)"""
@@ -193,12 +205,29 @@ _TIMELINE_SQL = """SELECT epoch_us(occurred_at), kind, actor, comment FROM (
     WHERE incident_id = ? ORDER BY occurred_at DESC, seq DESC LIMIT ?) ORDER BY occurred_at, seq"""
 
 
+def _at_risk(text: str | None) -> tuple[AtRiskSpan, ...]:
+    """The runs.at_risk JSON, read leniently: NULL, bad JSON or odd items read as nothing."""
+    try:
+        items = json.loads(text) if text else []
+    except ValueError:
+        return ()
+    if not isinstance(items, list):
+        return ()
+    return tuple(
+        AtRiskSpan(str(item.get("name", "")), str(item.get("status_message", "")))
+        for item in items if isinstance(item, dict)
+    )
+
+
 def _run(row: Sequence[Any]) -> RunRow:
+    status = RunStatus(row[3])
     return RunRow(
-        id=row[0], rule=row[1], trace_id=row[2], status=RunStatus(row[3]),
+        id=row[0], rule=row[1], trace_id=row[2], status=status,
         opened_at=_utc(row[4]), closed_at=_utc_or_none(row[5]), reason=row[6],
         missing=tuple(row[7] or ()), late_outcomes=tuple(row[8] or ()),
         late_at=_utc_or_none(row[9]), incident_id=row[10],
+        due_at=_utc_or_none(row[11]) if status is RunStatus.OPEN else None,
+        at_risk=_at_risk(row[12]),
     )
 
 
@@ -266,6 +295,11 @@ class Reader:
     def __init__(self, conn: duckdb.DuckDBPyConnection) -> None:
         self._conn = conn
 
+    def fetch(self, *queries: tuple[str, Sequence[object]]) -> list[list[tuple[Any, ...]]]:
+        """The rows of each query, all read in one transaction (one consistent snapshot); for
+        the read modules beside this one (store/search.py, store/console.py)."""
+        return self._fetch(*queries)
+
     def _fetch(self, *queries: tuple[str, Sequence[object]]) -> list[list[tuple[Any, ...]]]:
         """The rows of each query, all read in one transaction (one consistent snapshot)."""
         try:
@@ -325,8 +359,22 @@ class Reader:
         cursor: str | None,
     ) -> Page[RunRow]:
         """Runs matching every given filter, newest ``opened_at`` first (ties by id)."""
+        return self.list_runs_by(trace_id=trace_id, rule=rule, status=status, limit=limit,
+                                 cursor=cursor)
+
+    def list_runs_by(
+        self,
+        *,
+        trace_id: str | None = None,
+        rule: str | None = None,
+        status: RunStatus | None = None,
+        reason: str | None = None,
+        limit: int,
+        cursor: str | None = None,
+    ) -> Page[RunRow]:
+        """list_runs with more filters (the console's): every given one must match."""
         filters = {"trace_id": trace_id, "rule": rule,
-                   "status": None if status is None else status.value}
+                   "status": None if status is None else status.value, "reason": reason}
         return self._page(_RUNS, filters, limit, cursor)
 
     def list_incidents(
@@ -338,7 +386,21 @@ class Reader:
         cursor: str | None,
     ) -> Page[IncidentRow]:
         """Incidents matching every given filter, latest ``last_failure_at`` first (ties by id)."""
-        filters = {"status": None if status is None else status.value, "rule": rule}
+        return self.list_incidents_by(status=status, rule=rule, limit=limit, cursor=cursor)
+
+    def list_incidents_by(
+        self,
+        *,
+        status: IncidentStatus | None = None,
+        rule: str | None = None,
+        owner: str | None = None,
+        severity: Severity | None = None,
+        limit: int,
+        cursor: str | None = None,
+    ) -> Page[IncidentRow]:
+        """list_incidents with more filters (the console's): every given one must match."""
+        filters = {"status": None if status is None else status.value, "rule": rule,
+                   "owner": owner, "severity": None if severity is None else severity.value}
         return self._page(_INCIDENTS, filters, limit, cursor)
 
     def list_notifications(

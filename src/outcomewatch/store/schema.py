@@ -72,7 +72,10 @@ CREATE TABLE IF NOT EXISTS runs (
     group_key VARCHAR NOT NULL DEFAULT '',
     -- Outcomes that arrived after the verdict: recorded, never erasing the failure.
     late_outcomes VARCHAR[] NOT NULL DEFAULT [],
-    late_at TIMESTAMPTZ
+    late_at TIMESTAMPTZ,
+    -- Spans that matched an expectation's span/service but not its other conditions, while the
+    -- run was open: a JSON list of {"name", "status_message"} (see MIGRATIONS).
+    at_risk JSON NOT NULL DEFAULT '[]'
 );
 
 CREATE SEQUENCE IF NOT EXISTS incident_ids START 1;
@@ -176,6 +179,9 @@ CREATE INDEX IF NOT EXISTS incident_failures_incident ON incident_failures (inci
 MIGRATIONS = (
     "ALTER TABLE incidents ADD COLUMN IF NOT EXISTS episode_started_at TIMESTAMPTZ",
     "ALTER TABLE rule_state ADD COLUMN IF NOT EXISTS held VARCHAR[] DEFAULT []",
+    # duckdb refuses NOT NULL with ADD COLUMN IF NOT EXISTS: on such files the column is
+    # nullable, and readers take NULL as [].
+    "ALTER TABLE runs ADD COLUMN IF NOT EXISTS at_risk JSON DEFAULT '[]'",
 )
 
 # Index rows for the spans received since ``$since`` (the tail a crash may have left
@@ -197,16 +203,15 @@ def reindex_tail(db: duckdb.DuckDBPyConnection) -> None:
 
 
 def migrate(db: duckdb.DuckDBPyConnection) -> None:
-    """Bring a file of any earlier version to SCHEMA_VERSION."""
-    row = db.execute("SELECT max(version) FROM schema_version").fetchone()
-    version = row[0] if row is not None else None
+    """Bring a file of any earlier version to SCHEMA_VERSION (after DDL, on every open: each
+    step is idempotent)."""
+    for statement in MIGRATIONS:
+        db.execute(statement)
+    [(version,)] = db.execute("SELECT max(version) FROM schema_version").fetchall()
     if version is None:
         db.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
         return
-    if version >= SCHEMA_VERSION:
-        return
-    for statement in MIGRATIONS:
-        db.execute(statement)
-    db.execute("UPDATE incidents SET episode_started_at = opened_at "
-               "WHERE episode_started_at IS NULL")
-    db.execute("UPDATE schema_version SET version = ?", [SCHEMA_VERSION])
+    if version < SCHEMA_VERSION:
+        db.execute("UPDATE incidents SET episode_started_at = opened_at "
+                   "WHERE episode_started_at IS NULL")
+        db.execute("UPDATE schema_version SET version = ?", [SCHEMA_VERSION])

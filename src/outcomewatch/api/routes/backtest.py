@@ -14,11 +14,55 @@ from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, JsonValue
 
 from outcomewatch.api.routes.rules import ProblemOut
 from outcomewatch.api.schemas import ErrorOut
 from outcomewatch.durations import parse_duration
 from outcomewatch.errors import RuleError
+
+
+class WindowOut(BaseModel):
+    first_received: str | None
+    last_received: str | None
+    settled_at: str | None
+
+
+class RuleReplayOut(BaseModel):
+    rule: str
+    passed: int
+    failed: int
+    open: int
+    reasons: dict[str, int] = Field(description="Failed runs by reason.")
+
+
+class IncidentReplayOut(BaseModel):
+    rule: str
+    group: dict[str, JsonValue]
+    status: str
+    failure_count: int
+    first_failure: str | None
+    last_failure: str | None
+
+
+class FailedRunReplayOut(BaseModel):
+    id: str
+    rule: str
+    trace_id: str
+    reason: str | None
+    missing: list[str]
+    opened_at: str | None
+    closed_at: str | None
+
+
+class ReplayOut(BaseModel):
+    """What ``outcomewatch replay --format json`` prints."""
+
+    window: WindowOut
+    rules: list[RuleReplayOut]
+    incidents: list[IncidentReplayOut]
+    failed_runs: list[FailedRunReplayOut]
+    stats: dict[str, JsonValue] = Field(description="Spans read, requests replayed, seconds.")
 
 
 class Backtest(Protocol):
@@ -49,12 +93,8 @@ def _duration(text: str | None, name: str) -> timedelta | None:
     "/replay",
     summary="Backtest rules against the stored spans (writes nothing)",
     openapi_extra=_BODY,
-    response_model=None,
+    response_model=ReplayOut,
     responses={
-        200: {"description": "The report of `outcomewatch replay --format json`: window, "
-                             "rules (passed, failed, open, reasons), incidents, failed_runs, "
-                             "stats.",
-              "content": {"application/json": {"schema": {"type": "object"}}}},
         400: {"model": ErrorOut,
               "description": "A query parameter is not a duration, or the body not UTF-8."},
         422: {"description": "Invalid rules: `problems`, each with file, line, column."},
@@ -67,7 +107,7 @@ async def replay(
                                                    "(e.g. `7d`).")] = None,
     trace_idle: Annotated[str | None, Query(description="The idle time to judge by "
                                                         "(default: the server's).")] = None,
-) -> dict[str, Any] | JSONResponse:
+) -> ReplayOut | JSONResponse:
     """The runs and incidents the rules would have produced (``replay --format json``)."""
     backtest: Backtest | None = request.app.state.backtest
     if backtest is None:
@@ -77,9 +117,10 @@ async def replay(
     except UnicodeDecodeError:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "the body is not UTF-8") from None
     try:
-        return await backtest(rules_yaml, since=_duration(since, "since"),
-                              trace_idle=_duration(trace_idle, "trace_idle"))
+        answer = await backtest(rules_yaml, since=_duration(since, "since"),
+                                trace_idle=_duration(trace_idle, "trace_idle"))
     except RuleError as exc:
         problems = [ProblemOut(file=p.file, line=p.line, column=p.column, message=p.message)
                     .model_dump() for p in exc.problems]
         return JSONResponse({"status": "rejected", "problems": problems}, status_code=422)
+    return ReplayOut.model_validate(answer)
