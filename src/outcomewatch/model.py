@@ -186,7 +186,22 @@ class LateOutcome:
     at: datetime
 
 
-RunEvent = RunOpened | RunPassed | RunFailed | LateOutcome
+@dataclass(frozen=True, slots=True)
+class RunAtRisk:
+    """A span that matched an expectation's span and service but not its other conditions (an
+    ``email.delivered`` with status error, a ``mail.receipt`` with ``state: bounced``) while the
+    run waits: the outcome may not come. The run still waits for its deadline (a retry may
+    succeed) unless a ``forbid`` fails it at once."""
+
+    run_id: str
+    rule: str
+    trace_id: str
+    span: str  # the span's name
+    status_message: str  # its status message, else its status
+    at: datetime
+
+
+RunEvent = RunOpened | RunPassed | RunFailed | LateOutcome | RunAtRisk
 
 
 @dataclass(frozen=True)

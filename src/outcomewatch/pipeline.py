@@ -28,7 +28,14 @@ from outcomewatch.analyzer.evidence import evidence_keys, failure_summary, verdi
 from outcomewatch.clock import Clock, to_ns
 from outcomewatch.config import NotifyConfig
 from outcomewatch.metrics import Metrics
-from outcomewatch.model import LateOutcome, RunEvent, RunFailed, RunOpened, RunPassed
+from outcomewatch.model import (
+    LateOutcome,
+    RunAtRisk,
+    RunEvent,
+    RunFailed,
+    RunOpened,
+    RunPassed,
+)
 from outcomewatch.otlp import SpanBatch, decode_stored_span
 from outcomewatch.rules import RuleSet
 from outcomewatch.rules.policy import policy_of
@@ -116,6 +123,9 @@ class Pipeline:
         for event in events:
             if isinstance(event, RunOpened):
                 self.metrics.run_opened(event.rule)
+                batch.events.append(event)
+                continue
+            if isinstance(event, RunAtRisk):
                 batch.events.append(event)
                 continue
             if isinstance(event, LateOutcome):

@@ -143,7 +143,8 @@ class Server:
                                         token=self.settings.otlp_token,
                                         on_refused=self._refused_on("http"))
         api_app = create_app(
-            Reader(store.conn), ready=lambda: self._ready and store.healthy, actions=self._act,
+            Reader(store.conn, trace_idle=self.settings.trace_idle),
+            ready=lambda: self._ready and store.healthy, actions=self._act,
             api_token=self.settings.api_token, read_token=self.settings.api_read_token,
             metrics=self.metrics.render, rules=self, backtest=self._backtest,
         )

@@ -44,6 +44,11 @@ Runs
   since seen), so outcomes sent before the trigger count. Links are read from every span while
   a correlated rule is loaded. The run's ``trace_id`` is its trigger's; ``forbid`` looks at the
   trigger's trace only.
+- At risk: a span whose name and service match an expectation's selector but not its other
+  conditions (status, ``where``, duration) gives a RunAtRisk for each open run of that rule in
+  the trace that still wants the expectation (at most MAX_AT_RISK per run); a trace holds up to
+  MAX_NEAR such near misses until its first run opens, so one exported before its trigger
+  counts too. The run still waits: only ``forbid`` fails it at once.
 - Verdicts are final. After a failure, the run's unmet expectations are remembered (the 10,000
   most recent failed runs, for 24h of clock time) by its trace (and correlate values): a
   matching span arriving later gives one LateOutcome per (run, expectation), nothing else.
@@ -81,6 +86,7 @@ from datetime import datetime, timedelta
 from outcomewatch.analyzer.correlate import Correlation, link_targets
 from outcomewatch.analyzer.late import LateOutcomes
 from outcomewatch.analyzer.runs import (
+    MAX_AT_RISK,
     NO_INTEREST,
     RUN_BYTES,
     CompiledRule,
@@ -102,6 +108,7 @@ from outcomewatch.analyzer.schedule import ScheduleWatch
 from outcomewatch.clock import Clock, from_ns
 from outcomewatch.model import (
     FailureReason,
+    RunAtRisk,
     RunEvent,
     RunFailed,
     RunOpened,
@@ -272,7 +279,9 @@ class Engine:
         expects = [e for e in interest.expects if e.selector.matches(span)]
         forbids = [f for f in interest.forbids if f.selector.matches(span)]
         triggered = [r for r in interest.triggers if r.rule.trigger.matches(span)]
-        if not expects and not forbids and not triggered:
+        near = [e for e in interest.expects
+                if e not in expects and e.selector.matches_service(span.service)]
+        if not expects and not forbids and not triggered and not near:
             return
         live = self._live.get(span.trace_id)
         if live is None:
@@ -284,6 +293,8 @@ class Engine:
             self._schedule(live, self._idle_due[1])
         for expect in expects:
             self._outcome(live, expect, span, now, events)
+        for expect in near:
+            self._near_miss(live, expect, span, now, events)
         for forbid in forbids:
             self._forbidden(live, forbid, span, now, events)
         for rule in triggered:
@@ -303,6 +314,19 @@ class Engine:
                 self._offer(run, expect, span, now, events)
         if self._late:
             events.extend(self._late.match(expect, span, values, now))
+
+    def _near_miss(
+        self, live: LiveTrace, expect: Expect, span: Span, now: datetime,
+        events: list[RunEvent],
+    ) -> None:
+        message = span.status_message or span.status.value
+        for run in live.runs.values():
+            if run.rule is expect.rule and run.wants(expect) and run.at_risk < MAX_AT_RISK:
+                run.at_risk += 1
+                events.append(RunAtRisk(run.run_id, run.rule.name, run.trace_id, span.name,
+                                        message, now))
+        if not live.had_run:  # its trigger may still come (exported after its children)
+            self._bytes += live.keep_near(expect, span.name, message)
 
     def _forbidden(
         self, live: LiveTrace, forbid: Forbid, span: Span, now: datetime, events: list[RunEvent]
@@ -356,6 +380,10 @@ class Engine:
         rule.open += 1
         events.append(RunOpened(run_id, rule.name, trigger.trace_id, trigger.span_id, now,
                                 deadline, search_keys(trigger.attributes)))
+        for expect, name, message in live.near or ():
+            if expect.rule is rule and run.at_risk < MAX_AT_RISK:
+                run.at_risk += 1
+                events.append(RunAtRisk(run_id, rule.name, trigger.trace_id, name, message, now))
         for expect in rule.expects:
             kept = live.kept.get(expect)
             if kept is not None:

@@ -46,6 +46,9 @@ def _ns(d: timedelta) -> int:
 TRACE_BYTES = 480
 KEPT_BYTES = 450
 RUN_BYTES = 430
+NEAR_BYTES = 120  # one near miss held by a trace (plus its strings)
+MAX_AT_RISK = 5  # near misses reported per run
+MAX_NEAR = 4  # near misses a trace holds for runs opened after them
 _SPAN_BYTES = 420  # a decoded Span without attributes: the object, its ids, an empty dict
 _EVENT_BYTES = 320
 _LINK_BYTES = 340
@@ -290,6 +293,7 @@ class OpenRun:
     matched: list[dict[SpanKey, Span] | None]
     forbidden: Span | None = None
     linked: set[str] | None = None  # other traces linked to the trigger's (None: none yet)
+    at_risk: int = 0  # RunAtRisk events given (bounded by MAX_AT_RISK)
 
     @property
     def trace_id(self) -> str:
@@ -368,6 +372,19 @@ class LiveTrace:
     had_run: bool = False  # once a run opened here, its outcomes no longer wait for a trigger
     last_received_ns: int = 0  # when its newest span arrived (bounds the evidence query)
     bytes: int = TRACE_BYTES  # estimated memory: own state, kept spans, open runs (+ triggers)
+    # Near misses (see model.RunAtRisk) seen before a trigger: (expectation, name, message).
+    near: list[tuple[Expect, str, str]] | None = None
+
+    def keep_near(self, expect: Expect, name: str, message: str) -> int:
+        """Hold a near miss for runs opened later (at most MAX_NEAR); the bytes added."""
+        if self.near is None:
+            self.near = []
+        if len(self.near) >= MAX_NEAR:
+            return 0
+        self.near.append((expect, name, message))
+        cost = NEAR_BYTES + len(name) + len(message)
+        self.bytes += cost
+        return cost
 
     def keep(self, what: Expect | Forbid, span: Span) -> int:
         """Keep ``span`` for ``what`` if worth it; returns how many more spans are held (0/1).

@@ -292,8 +292,12 @@ class Reader:
     (cause kept); a bad pagination cursor as InvalidCursor (a ValueError).
     """
 
-    def __init__(self, conn: duckdb.DuckDBPyConnection) -> None:
+    def __init__(self, conn: duckdb.DuckDBPyConnection, *,
+                 trace_idle: timedelta | None = None) -> None:
+        """``trace_idle``: the server's, for the idle horizon of open runs without a
+        deadline (their ``due_at``); None leaves it unknown."""
         self._conn = conn
+        self._trace_idle = trace_idle
 
     def fetch(self, *queries: tuple[str, Sequence[object]]) -> list[list[tuple[Any, ...]]]:
         """The rows of each query, all read in one transaction (one consistent snapshot); for
@@ -375,7 +379,33 @@ class Reader:
         """list_runs with more filters (the console's): every given one must match."""
         filters = {"trace_id": trace_id, "rule": rule,
                    "status": None if status is None else status.value, "reason": reason}
-        return self._page(_RUNS, filters, limit, cursor)
+        return self._with_idle_horizons(self._page(_RUNS, filters, limit, cursor))
+
+    def _with_idle_horizons(self, page: Page[RunRow]) -> Page[RunRow]:
+        """Open runs without a deadline are due when their trace has been idle for the trace
+        idle time: from its newest indexed span (the last moment's spans may move it on)."""
+        waiting = {r.trace_id for r in page.items
+                   if r.status is RunStatus.OPEN and r.due_at is None}
+        if not waiting or self._trace_idle is None:
+            return page
+        ids = sorted(waiting)
+        indexed, tail = self._fetch(
+            ("SELECT trace_id, max(last_received_ns) FROM trace_index "
+             "WHERE list_contains(?, trace_id) GROUP BY trace_id", [ids]),
+            # The spans not indexed yet (the last moment's), found by their short tail.
+            ("SELECT trace_id, max(received_ns) FROM spans WHERE received_ns >= coalesce("
+             "(SELECT max(last_received_ns) FROM trace_index) - 1000000000, -9223372036854775807)"
+             " AND list_contains(?, trace_id) GROUP BY trace_id", [ids]))
+        last: dict[str, int] = {}
+        for trace_id, ns in [*indexed, *tail]:
+            last[trace_id] = max(int(ns), last.get(trace_id, int(ns)))
+        idle = self._trace_idle
+        items = tuple(
+            replace(r, due_at=_EPOCH + timedelta(microseconds=last[r.trace_id] // 1000) + idle)
+            if r.trace_id in waiting and r.due_at is None and r.status is RunStatus.OPEN
+            and r.trace_id in last else r
+            for r in page.items)
+        return Page(items, page.next_cursor)
 
     def list_incidents(
         self,

@@ -20,6 +20,7 @@ number of runs in it; the statement costs grow with the (rule, group) pairs touc
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from outcomewatch.incidents.lifecycle import (
 from outcomewatch.model import (
     IncidentStatus,
     LateOutcome,
+    RunAtRisk,
     RunFailed,
     RunOpened,
     RunPassed,
@@ -97,7 +99,7 @@ class Judged:
     keys: tuple[tuple[str, str], ...] = ()  # evidence values to find the run by
 
 
-BatchEvent = RunOpened | Judged | LateOutcome
+BatchEvent = RunOpened | Judged | LateOutcome | RunAtRisk
 
 
 @dataclass
@@ -175,6 +177,9 @@ def write(db: duckdb.DuckDBPyConnection, batch: VerdictBatch) -> Written:
     late = [e for e in batch.events if isinstance(e, LateOutcome)]
     if late:
         _record_late(db, late)
+    at_risk = [e for e in batch.events if isinstance(e, RunAtRisk)]
+    if at_risk:
+        _record_at_risk(db, at_risk)
     for transition in lifecycle.transitions:
         incident = lifecycle.changed[transition.incident_id]
         log.info("incident %d %s: rule %s, group %s: %s", transition.incident_id,
@@ -450,3 +455,25 @@ def _record_late(db: duckdb.DuckDBPyConnection, late: list[LateOutcome]) -> None
             db.execute("INSERT INTO incident_events SELECT * FROM incoming_late_events")
         finally:
             _unregister(db, "incoming_late_events")
+
+
+_AT_RISK = pa.schema([("id", pa.string()), ("at_risk", pa.string())])
+MAX_AT_RISK_STORED = 10  # near misses kept per run
+
+
+def _record_at_risk(db: duckdb.DuckDBPyConnection, events: list[RunAtRisk]) -> None:
+    """Append the spans that put runs at risk to ``runs.at_risk`` (JSON, bounded)."""
+    ids = sorted({e.run_id for e in events})
+    current = {row[0]: json.loads(row[1]) if row[1] else [] for row in db.execute(
+        "SELECT id, at_risk FROM runs WHERE list_contains(?, id)", [ids]).fetchall()}
+    for event in events:
+        spans = current.get(event.run_id)
+        if spans is not None and len(spans) < MAX_AT_RISK_STORED:
+            spans.append({"name": event.span, "status_message": event.status_message})
+    _table(db, "incoming_at_risk", [{"id": run_id, "at_risk": jsonsafe.dumps(spans)}
+                                    for run_id, spans in current.items()], _AT_RISK)
+    try:
+        db.execute("UPDATE runs SET at_risk = r.at_risk FROM incoming_at_risk r "
+                   "WHERE runs.id = r.id")
+    finally:
+        _unregister(db, "incoming_at_risk")
