@@ -10,7 +10,7 @@ import asyncio
 import json
 import socket
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Collection, Coroutine, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -109,11 +109,16 @@ class MemoryOutbox:
         self.entries[row_id] = Entry(row)
         return row_id
 
-    def due_notifications(self, now: datetime, limit: int) -> list[OutboxRow]:
+    def due_notifications(
+        self, now: datetime, limit: int, *, route: str | None = None, target: str | None = None,
+        exclude: Collection[tuple[str, str]] = (),
+    ) -> list[OutboxRow]:
         due = [
             e.row
             for e in self.entries.values()
             if e.status in ("pending", "failed") and e.next_attempt_at <= now
+            and route in (None, e.row.route) and target in (None, e.row.target)
+            and (e.row.route, e.row.target) not in exclude
         ]
         return sorted(due, key=lambda r: r.id)[:limit]
 
@@ -427,18 +432,20 @@ def test_an_unconfigured_route_or_target_fails_and_is_retried(
     assert len(recv.requests) == 3
 
 
-def test_run_forever_survives_an_exception(tmp_path: Path, receiver: Any) -> None:
+def test_run_forever_survives_an_exception(
+    tmp_path: Path, receiver: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     recv, base = receiver
     store, clock = MemoryOutbox(), ManualClock(T0)
     store.add(1, "opened", "webhook")
     calls = {"n": 0}
     real = store.due_notifications
 
-    def flaky(now: datetime, limit: int) -> list[OutboxRow]:
+    def flaky(now: datetime, limit: int, **which: Any) -> list[OutboxRow]:
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("database is locked")
-        return real(now, limit)
+        return real(now, limit, **which)
 
     store.due_notifications = flaky  # type: ignore[method-assign]
     notifier_config = config(tmp_path, base, WEBHOOK)
@@ -446,6 +453,13 @@ def test_run_forever_survives_an_exception(tmp_path: Path, receiver: Any) -> Non
     async def scenario(client: httpx.AsyncClient) -> None:
         notifier = Notifier(store, notifier_config, clock=clock, client=client)
         task = asyncio.create_task(notifier.run_forever(interval=timedelta(milliseconds=1)))
+        for _ in range(5_000):  # until the failed round has backed off (on the injected clock)
+            if "database is locked" in caplog.text:
+                break
+            await asyncio.sleep(0.002)
+        assert "next attempt in 0:00:01: RuntimeError: database is locked" in caplog.text
+        assert "Traceback" not in caplog.text
+        clock.advance(timedelta(seconds=1))
         assert await asyncio.to_thread(recv.arrived.wait, 10)
         assert not task.done()
         task.cancel()
@@ -463,10 +477,18 @@ def test_label_names_are_sanitised_and_never_replace_the_identity_labels() -> No
     payload = {
         "id": 1, "rule": "r", "owner": "o", "severity": "warning", "route": "x",
         "group": {"customer.id": "c1", "customer_id": "c2", "9lives": 3, "rule": "other",
-                  "flag": True, "gone": None},
+                  "flag": True, "gone": None, "blank": ""},
     }
     assert alert_labels(payload) == {
         "alertname": "OutcomeMissing", "rule": "r", "owner": "o", "severity": "warning",
         "route": "x", "customer_id": "c1", "customer_id_": "c2", "_9lives": "3",
-        "group_rule": "other", "flag": "true",
+        "group_rule": "other", "flag": "true", "gone": "<missing>", "blank": "<empty>",
     }
+
+
+def test_a_missing_and_an_empty_group_value_are_two_alert_identities() -> None:
+    def labels(value: Any) -> dict[str, str]:
+        return alert_labels({"id": 1, "rule": "r", "group": {"customer.id": value}})
+
+    identities = {tuple(sorted(labels(v).items())) for v in (None, "", "c-1")}
+    assert len(identities) == 3

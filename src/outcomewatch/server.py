@@ -120,6 +120,7 @@ class Server:
         self.store = Store(self.settings.db, max_queue=self.settings.max_queue,
                            on_commit=self.metrics.storage_write_seconds.observe)
         self.metrics.watch_open_incidents(self.store.open_incident_counts)
+        self.metrics.watch_notification_queue(self.store.notification_queue, self.clock)
         # Scheduled rules go on from where the last process stopped judging their slots.
         self.engine = self._new_engine(await asyncio.to_thread(self.store.schedule_progress))
         await self._recover()

@@ -72,7 +72,10 @@ class ActionResult:
 
 _SNAPSHOT = (
     "SELECT id, rule, status, severity, owner, route, summary, description, group_key, "
-    "epoch_us(opened_at), epoch_us(last_failure_at), epoch_us(resolved_at), failure_count "
+    "epoch_us(opened_at), epoch_us(last_failure_at), epoch_us(resolved_at), failure_count, "
+    # The start of the current firing episode: its latest opening or re-opening (startsAt).
+    "(SELECT epoch_us(max(e.occurred_at)) FROM incident_events e "
+    "WHERE e.incident_id = incidents.id AND e.kind IN ('opened', 'reopened')) "
     "FROM incidents WHERE id = ?"
 )
 
@@ -105,6 +108,7 @@ def _snapshot_of(row: tuple[Any, ...]) -> dict[str, Any]:
         "route": row[5], "summary": row[6], "description": row[7], "group": group,
         "opened_at": _iso(row[9]), "last_failure_at": _iso(row[10]),
         "resolved_at": _iso(row[11]), "failure_count": row[12],
+        "episode_started_at": _iso(row[13]),
     }
 
 
