@@ -124,16 +124,17 @@ class MemoryOutbox:
             for e in self.entries.values()
             if e.status in ("pending", "failed") and e.next_attempt_at <= now
             and route in (None, e.row.route) and target in (None, e.row.target)
-            and (e.row.route, e.row.target) not in exclude
+            and (e.row.route, e.row.target) not in exclude and not self._behind(e.row)
         ]
         return sorted(due, key=lambda r: r.id)[:limit]
 
-    def pending_before(self, incident_id: int, row_id: int) -> bool:
-        target = self.entries[row_id].row.target
+    def _behind(self, row: OutboxRow) -> bool:
+        """An earlier row of the same incident and target is unsent (the row must wait)."""
         return any(
-            e.row.incident_id == incident_id and e.row.target == target and e.status != "sent"
+            e.row.incident_id == row.incident_id and e.row.target == row.target
+            and e.status != "sent"
             for i, e in self.entries.items()
-            if i < row_id
+            if i < row.id
         )
 
     async def mark_notification(

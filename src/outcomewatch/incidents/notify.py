@@ -21,6 +21,7 @@ own lane, after its outbox rows, in one request: as Prometheus does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import Callable, Collection
@@ -55,12 +56,10 @@ class OutboxStore(Protocol):
         self, now: datetime, limit: int, *, route: str | None = None, target: str | None = None,
         exclude: Collection[tuple[str, str]] = (),
     ) -> list[OutboxRow]:
-        """Rows pending or failed with next_attempt_at <= now, by id (a blocking DB read);
-        only ``route``'s / ``target``'s if given, none of the (route, target) in ``exclude``."""
-        ...
-
-    def pending_before(self, incident_id: int, row_id: int) -> bool:
-        """True if a row of the same incident and target with a smaller id is not sent."""
+        """Rows pending or failed with next_attempt_at <= now, by id (a blocking DB read),
+        leaving out every row behind an unsent earlier row of its incident and target (this is
+        what keeps a "resolved" from overtaking its "opened"); only ``route``'s / ``target``'s
+        rows if given, none of the (route, target) pairs in ``exclude``."""
         ...
 
     def firing_incidents(self) -> list[dict[str, Any]]:
@@ -164,6 +163,7 @@ class Notifier:
             for route in config.routes for target in config.targets_for(route)
         }
         self._unrouted = _Lane("", "")
+        self._woken = asyncio.Event()
         quiet_httpx()
 
     async def __aenter__(self) -> Notifier:
@@ -185,14 +185,14 @@ class Notifier:
         return [*self._lanes.values(), self._unrouted]
 
     async def run_once(self) -> int:
-        """One pass over every target that is not backing off: its due rows (up to
-        ``batch_size``), in order within each incident, then its re-send if one is due. The
+        """One round on every target that is not backing off: its due rows, in order within
+        each incident, until none is left or one fails, then its re-send if one is due. The
         number of rows delivered. A store error propagates, after every lane has finished what
         it had under way (so no delivery goes unrecorded); receiver errors never do."""
         now = self._clock()
         lanes = [lane for lane in self._all_lanes() if lane.ready(now)]
         results = await asyncio.gather(
-            *(self._lane_round(lane, now, drain=False) for lane in lanes), return_exceptions=True
+            *(self._lane_round(lane, now) for lane in lanes), return_exceptions=True
         )
         errors = [result for result in results if isinstance(result, BaseException)]
         if errors:
@@ -208,14 +208,22 @@ class Notifier:
                 now = self._clock()
                 for lane in self._all_lanes():
                     if lane.task is None and lane.ready(now):
-                        lane.task = asyncio.create_task(self._lane_round(lane, now, drain=True))
+                        lane.task = asyncio.create_task(self._lane_round(lane, now))
                         lane.task.add_done_callback(functools.partial(self._ended, lane))
-                await asyncio.sleep(interval.total_seconds())
+                self._woken.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._woken.wait(), interval.total_seconds())
         finally:
             tasks = [lane.task for lane in self._all_lanes() if lane.task is not None]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def wake(self) -> None:
+        """Start the next round of ``run_forever`` now rather than at the next interval: call
+        it (on the notifier's event loop) once a transition's outbox rows are committed, and a
+        new notification goes out in milliseconds instead of up to ``interval``."""
+        self._woken.set()
 
     def _ended(self, lane: _Lane, _: object) -> None:
         task, lane.task = lane.task, None
@@ -225,9 +233,10 @@ class Notifier:
         if error is not None:  # the store failed (a full disk): back off, one line per step
             self._fail_lane(lane, self._clock(), f"{type(error).__name__}: {error}", held=None)
 
-    async def _lane_round(self, lane: _Lane, now: datetime, *, drain: bool) -> int:
-        """Deliver the lane's due rows (with ``drain``, batch after batch while a full batch
-        goes out), then re-send its firing alerts if due. Rows delivered."""
+    async def _lane_round(self, lane: _Lane, now: datetime) -> int:
+        """Deliver the lane's due rows, read after read while something goes out (a delivered
+        row may unblock the next of its incident), then re-send its firing alerts if due. Rows
+        delivered."""
         sent = 0
         while True:
             rows = await asyncio.to_thread(self._due_rows, lane, now)
@@ -242,7 +251,7 @@ class Notifier:
                             lane.name, outcome.failed, len(rows), outcome.first_error)
             elif outcome.sent:
                 lane.failures = 0
-            if not drain or len(rows) < self._batch_size or outcome.sent == 0:
+            if outcome.sent == 0:
                 break
             now = self._clock()
         await self._resend_if_due(lane, self._clock())
@@ -288,8 +297,6 @@ class Notifier:
                 if outcome.target_down:
                     outcome.held += len(rows) - index
                     return
-                if await asyncio.to_thread(self._store.pending_before, row.incident_id, row.id):
-                    return  # an earlier row is unsent: this one and the later ones wait for it
                 error, down = await self._attempt(row)
                 self._on_attempt(row.target, error is None)
                 at = self._clock()

@@ -61,18 +61,6 @@ class OutboxReads:
             for r in rows
         ]
 
-    def pending_before(self, incident_id: int, row_id: int) -> bool:
-        """Whether an earlier notification of the same incident and target is still unsent:
-        then this one waits, so a 'resolved' never overtakes its 'opened'."""
-        rows = self._outbox_rows(
-            "SELECT count(*) FROM outbox o JOIN outbox this ON this.id = ? "
-            "WHERE o.incident_id = ? AND o.target = this.target AND o.id < ? "
-            "AND o.status <> 'sent'",
-            [row_id, incident_id, row_id],
-        )
-        row = rows[0] if rows else None
-        return row is not None and int(row[0]) > 0
-
     def firing_incidents(self) -> list[dict[str, Any]]:
         """Snapshots (as in the outbox payload) of the incidents open or acknowledged."""
         cursor = self.conn.cursor()
