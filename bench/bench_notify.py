@@ -12,7 +12,8 @@ store's own failure path (so each has its outbox rows), spread evenly over three
 
 The notifier (``run_forever`` at ``--interval``, re-sends every ``--resend``; with ``--wake``
 woken after each commit, as the server would) starts on that backlog. Then, for ``--seconds``,
-a new failure is written every 0.5 s on ``hooks`` and on ``pager`` alternately, and the time from its commit to its arrival at the receiver is measured.
+a new failure is written every 0.5 s on ``hooks`` and on ``pager`` alternately, and the time
+from its commit to its arrival at the receiver is measured.
 
 Printed: how long the two live routes took to drain the backlog, the new notifications' latency
 (p50, p95, max) per route, the re-sends each live receiver got, the process RSS (start, after
@@ -209,15 +210,16 @@ async def main(args: argparse.Namespace) -> None:
                  if r == route and key in receivers.arrived]
         lost = sum(1 for key, (r, _) in committed.items()
                    if r == route and key not in receivers.arrived)
-        if waits:
-            print(f"new on {route}: {len(waits)} delivered, not delivered {lost}; latency "
-                  f"p50 {percentile(waits, 50):.3f}s p95 {percentile(waits, 95):.3f}s "
-                  f"max {max(waits):.3f}s")
+        figures = (f"; latency p50 {percentile(waits, 50):.3f}s p95 "
+                   f"{percentile(waits, 95):.3f}s max {max(waits):.3f}s") if waits else ""
+        print(f"new on {route}: {len(waits)} delivered, {lost} not delivered{figures}")
     print(f"re-sent alerts received on pager: {receivers.resent_alerts['pager']} "
           f"in {receivers.requests['pager']} requests in all")
     print("RSS MB: " + ", ".join(f"{k} {v:.0f}" for k, v in rss.items()))
-    per_target = Counter(line.split(" failed", 1)[0].split(":", 1)[0] for line in lines.lines)
-    print(f"notifier WARNING lines: {len(lines.lines)} " + json.dumps(per_target))
+    per_target = Counter(line.split(" failed (", 1)[0] for line in lines.lines
+                         if " failed (" in line)
+    print(f"notifier WARNING lines: {len(lines.lines)}; whole-target backoff steps logged: "
+          + json.dumps(per_target))
     for line in lines.lines[:6]:
         print(f"  {line[:160]}")
 
