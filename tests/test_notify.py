@@ -608,3 +608,39 @@ def test_a_refused_notification_fails_alone_and_the_target_goes_on(
     assert run(scenario) == (1, 1)
     assert (store.entries[refused].last_error or "").startswith("template error")
     assert len(recv.requests) == 2
+
+
+def test_wake_starts_a_round_without_waiting_for_the_interval(
+    tmp_path: Path, receiver: Any
+) -> None:
+    recv, base = receiver
+    store, clock = MemoryOutbox(), ManualClock(T0)
+    notifier_config = config(tmp_path, base, WEBHOOK)
+
+    reads = {"n": 0}
+    real = store.due_notifications
+
+    def counted(now: datetime, limit: int, **which: Any) -> list[OutboxRow]:
+        rows = real(now, limit, **which)
+        reads["n"] += 1  # after the read: a row added from now on is not in it
+        return rows
+
+    store.due_notifications = counted  # type: ignore[method-assign]
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        notifier = Notifier(store, notifier_config, clock=clock, client=client)
+        task = asyncio.create_task(notifier.run_forever(interval=timedelta(hours=1)))
+        for _ in range(5_000):  # until its first round (webhook, unrouted rows) has read
+            if reads["n"] >= 2:
+                break
+            await asyncio.sleep(0.002)
+        # That round found nothing, so it reads no more: only wake() starts another.
+        store.add(1, "opened", "webhook")
+        notifier.wake()
+        assert await asyncio.to_thread(recv.arrived.wait, 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(scenario)
+    assert len(recv.delivered()) == 1
