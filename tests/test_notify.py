@@ -1,206 +1,46 @@
-"""The outbox worker against real HTTP receivers (Starlette under uvicorn on free ports).
-
-Time is a ManualClock moved between ``run_once`` calls: retries are due when the clock says so,
-and nothing here sleeps. The OutboxStore is an in-memory stand-in with the contract's semantics.
-"""
+"""The outbox worker against real HTTP receivers: what arrives, in order, once; backoff;
+timeouts; templates; unconfigured routes; the labels. Time is a ManualClock moved between
+``run_once`` calls: retries are due when the clock says so, and nothing here sleeps."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
-import re
 import socket
-import threading
-from collections.abc import Callable, Collection, Coroutine, Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
 from outcomewatch.clock import ManualClock
-from outcomewatch.config import DEFAULT_RESEND, NotifyConfig, load_config
+from outcomewatch.config import DEFAULT_RESEND
 from outcomewatch.incidents import Notifier, OutboxRow, backoff_delay
 from outcomewatch.incidents.senders import (
     NOT_ENDED,
     alert_labels,
     sanitize_label_name,
 )
-from tests.servers import running_asgi
-
-T = TypeVar("T")
-T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
-OPENED_AT = "2025-03-01T11:58:00+00:00"
-RESOLVED_AT = "2025-03-01T12:30:00+00:00"
-EXTERNAL = "http://outcomewatch.internal:8080"
-
-
-@dataclass
-class Received:
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    status: int
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-class Receiver:
-    """Stands in for Alertmanager and webhook receivers: records every request, and answers
-    500 "boom" to those ``fail`` picks (by default none)."""
-
-    def __init__(self) -> None:
-        self.requests: list[Received] = []
-        self.fail: Callable[[Received], bool] = lambda _: False
-        self.release = threading.Event()  # a request to /slow waits for it
-        self.arrived = threading.Event()  # set by every request, for tests that wait for one
-        self.app = Starlette(routes=[Route("/{path:path}", self._handle, methods=["POST"])])
-
-    async def _handle(self, request: Request) -> Response:
-        received = Received(request.url.path, dict(request.headers), await request.body(), 200)
-        if received.path == "/slow":
-            await asyncio.to_thread(self.release.wait, 10)
-        if self.fail(received):
-            received.status = 500
-        self.requests.append(received)
-        self.arrived.set()
-        return Response("boom" if received.status == 500 else "", status_code=received.status)
-
-    def delivered(self) -> list[Any]:
-        return [r.json() for r in self.requests if r.status == 200]
+from tests.notify_support import (
+    BOTH,
+    EXTERNAL,
+    OPENED_AT,
+    RESOLVED_AT,
+    T0,
+    WEBHOOK,
+    MemoryOutbox,
+    Received,
+    Receiver,
+    config,
+    receiving,
+    run,
+)
 
 
 @pytest.fixture
 def receiver() -> Iterator[tuple[Receiver, str]]:
-    recv = Receiver()
-    with running_asgi(recv.app) as base_url:
-        yield recv, base_url
-        recv.release.set()
-
-
-@dataclass
-class Entry:
-    row: OutboxRow
-    status: str = "pending"
-    next_attempt_at: datetime = T0
-    last_error: str | None = None
-    sent_at: datetime | None = None
-
-
-@dataclass
-class MemoryOutbox:
-    """The OutboxStore contract, in memory."""
-
-    entries: dict[int, Entry] = field(default_factory=dict)
-    marks: list[tuple[int, bool, datetime, str | None, datetime | None]] = field(
-        default_factory=list
-    )
-    firing: list[dict[str, Any]] = field(default_factory=list)
-
-    def firing_incidents(self) -> list[dict[str, Any]]:
-        return list(self.firing)
-
-    def add(self, incident: int, transition: str, target: str, route: str = "billing") -> int:
-        row_id = len(self.entries) + 1
-        payload = snapshot(incident, transition, route)
-        row = OutboxRow(row_id, incident, transition, target, route, payload, 0, T0)
-        self.entries[row_id] = Entry(row)
-        return row_id
-
-    def due_notifications(
-        self, now: datetime, limit: int, *, route: str | None = None, target: str | None = None,
-        exclude: Collection[tuple[str, str]] = (),
-    ) -> list[OutboxRow]:
-        due = [
-            e.row
-            for e in self.entries.values()
-            if e.status in ("pending", "failed") and e.next_attempt_at <= now
-            and route in (None, e.row.route) and target in (None, e.row.target)
-            and (e.row.route, e.row.target) not in exclude and not self._behind(e.row)
-        ]
-        return sorted(due, key=lambda r: r.id)[:limit]
-
-    def _behind(self, row: OutboxRow) -> bool:
-        """An earlier row of the same incident and target is unsent (the row must wait)."""
-        return any(
-            e.row.incident_id == row.incident_id and e.row.target == row.target
-            and e.status != "sent"
-            for i, e in self.entries.items()
-            if i < row.id
-        )
-
-    async def mark_notification(
-        self,
-        row_id: int,
-        *,
-        sent: bool,
-        at: datetime,
-        error: str | None,
-        next_attempt_at: datetime | None,
-    ) -> None:
-        self.marks.append((row_id, sent, at, error, next_attempt_at))
-        entry = self.entries[row_id]
-        if sent:
-            entry.status, entry.sent_at = "sent", at
-        else:
-            assert next_attempt_at is not None
-            entry.status, entry.last_error = "failed", error
-            entry.next_attempt_at = next_attempt_at
-            entry.row = OutboxRow(**{**entry.row.__dict__, "attempts": entry.row.attempts + 1})
-
-
-def snapshot(incident: int, transition: str, route: str) -> dict[str, Any]:
-    resolved = transition == "resolved"
-    acknowledged = transition == "acknowledged"
-    return {
-        "id": incident,
-        "rule": "payment-failed-updates-access",
-        "status": "resolved" if resolved else "acknowledged" if acknowledged else "open",
-        "severity": "critical",
-        "owner": "billing",
-        "route": route,
-        "summary": 'access not updated after "invoice.payment_failed" <x>',
-        "description": "A failed invoice must change access.",
-        "group": {"customer.id": "c-42"},
-        "opened_at": OPENED_AT,
-        "last_failure_at": OPENED_AT,
-        "resolved_at": RESOLVED_AT if resolved else None,
-        "failure_count": 2,
-        "transition": transition,
-        "comment": "on it" if acknowledged else None,
-        "actor": "ana" if acknowledged else None,
-    }
-
-
-def config(tmp_path: Path, base_url: str, routes: str) -> NotifyConfig:
-    text = f"external_url: {EXTERNAL}\nroutes:\n" + routes.replace("BASE", base_url)
-    path = tmp_path / "outcomewatch.yaml"
-    path.write_text(text, encoding="utf-8")
-    return load_config(path)
-
-
-BOTH = """\
-  billing:
-    alertmanager: {url: BASE/am}
-    webhook: {url: BASE/hook, headers: {Authorization: Bearer xyz}}
-"""
-WEBHOOK = "  billing:\n    webhook: {url: BASE/hook}\n"
-
-
-def run(scenario: Callable[[httpx.AsyncClient], Coroutine[Any, Any, T]]) -> T:
-    async def main() -> T:
-        async with httpx.AsyncClient() as client:
-            return await scenario(client)
-
-    return asyncio.run(main())
+    yield from receiving()
 
 
 def test_a_lifecycle_arrives_once_each_in_order(tmp_path: Path, receiver: Any) -> None:
@@ -499,148 +339,3 @@ def test_a_missing_and_an_empty_group_value_are_two_alert_identities() -> None:
 
     identities = {tuple(sorted(labels(v).items())) for v in (None, "", "c-1")}
     assert len(identities) == 3
-
-
-AM_ONLY = "  billing:\n    alertmanager: {url: BASE/am}\n"
-
-
-def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.name == "outcomewatch.incidents.notify" and r.levelno == logging.WARNING]
-
-
-def test_a_target_that_is_down_backs_off_as_a_whole_with_one_line_per_step(
-    tmp_path: Path, receiver: Any, caplog: pytest.LogCaptureFixture
-) -> None:
-    recv, base = receiver
-    recv.fail = lambda request: request.path == "/hook"
-    store, clock = MemoryOutbox(), ManualClock(T0)
-    for incident in range(1, 21):
-        store.add(incident, "opened", "webhook")
-    store.add(21, "opened", "webhook", route="payments")  # another route: not held up
-    routes = WEBHOOK + "  payments:\n    webhook: {url: BASE/other}\n"
-    notifier_config = config(tmp_path, base, routes)
-    attempts: list[tuple[str, bool]] = []
-
-    async def scenario(client: httpx.AsyncClient) -> list[int]:
-        notifier = Notifier(store, notifier_config, clock=clock, client=client, concurrency=4,
-                            on_attempt=lambda target, ok: attempts.append((target, ok)))
-        sent = [await notifier.run_once()]
-        sent.append(await notifier.run_once())  # backing off: nothing is tried
-        clock.advance(timedelta(seconds=1))
-        sent.append(await notifier.run_once())
-        return sent
-
-    assert run(scenario) == [1, 0, 0]
-    hook_requests = [r for r in recv.requests if r.path == "/hook"]
-    assert len(hook_requests) == 8  # the 4 in flight when it went down, twice
-    assert [r.path for r in recv.requests].count("/other") == 1
-    assert attempts.count(("webhook", False)) == 8
-    lines = warnings(caplog)
-    assert len(lines) == 2
-    # Which of the four in flight answered first varies; the line names one of them.
-    assert re.fullmatch(r"webhook of route 'billing' failed \(1 in a row; 16 more waiting\), "
-                        r"next attempt in 0:00:01: notification [1-4] \(incident [1-4], "
-                        r"opened\): HTTP 500: boom", lines[0])
-    assert "(2 in a row; 16 more waiting), next attempt in 0:00:02" in lines[1]
-    untried = [e for e in store.entries.values() if e.row.incident_id > 4]
-    assert all(e.row.attempts == 0 for e in untried if e.row.route == "billing")
-
-
-def test_firing_alerts_are_re_sent_in_one_request_per_target_counted_and_backed_off(
-    tmp_path: Path, receiver: Any, caplog: pytest.LogCaptureFixture
-) -> None:
-    recv, base = receiver
-    store, clock = MemoryOutbox(), ManualClock(T0)
-    store.firing = [snapshot(1, "opened", "billing"), snapshot(2, "opened", "billing"),
-                    snapshot(3, "opened", "elsewhere")]
-    store.firing[1]["episode_started_at"] = "2025-03-01T11:59:30.000Z"  # re-opened
-    notifier_config = config(tmp_path, base, AM_ONLY)
-    attempts: list[tuple[str, bool]] = []
-
-    async def scenario(client: httpx.AsyncClient) -> None:
-        notifier = Notifier(store, notifier_config, clock=clock, client=client,
-                            on_attempt=lambda target, ok: attempts.append((target, ok)))
-        await notifier.run_once()  # the transitions were just posted: count from here
-        clock.advance(timedelta(seconds=59))
-        await notifier.run_once()
-        assert recv.requests == []
-        clock.advance(timedelta(seconds=1))
-        await notifier.run_once()
-        recv.fail = lambda request: True
-        clock.advance(timedelta(minutes=1))
-        await notifier.run_once()  # fails: backs off 1 s
-        await notifier.run_once()  # not yet
-        clock.advance(timedelta(seconds=1))
-        await notifier.run_once()  # fails again: 2 s
-
-    run(scenario)
-    assert [r.path for r in recv.requests] == ["/am/api/v2/alerts"] * 3
-    alerts = recv.requests[0].json()
-    assert [a["labels"]["route"] for a in alerts] == ["billing", "billing"]
-    assert [a["startsAt"] for a in alerts] == [OPENED_AT, "2025-03-01T11:59:30.000Z"]
-    assert {a["endsAt"] for a in alerts} == {(T0 + timedelta(minutes=1) + 4 * DEFAULT_RESEND)
-                                             .isoformat()}
-    assert attempts == [("alertmanager", True), ("alertmanager", False),
-                        ("alertmanager", False)]
-    lines = warnings(caplog)
-    assert len(lines) == 2 and all("re-sending 2 firing alerts: HTTP 500: boom" in line
-                                   for line in lines)
-
-
-def test_a_refused_notification_fails_alone_and_the_target_goes_on(
-    tmp_path: Path, receiver: Any
-) -> None:
-    recv, base = receiver
-    store, clock = MemoryOutbox(), ManualClock(T0)
-    refused = store.add(1, "opened", "webhook")
-    store.add(2, "opened", "webhook")
-    template = "{{ 1 // (incident.id - 1) }}"  # fails for incident 1 only
-    routes = f"  billing:\n    webhook: {{url: BASE/hook, template: '{template}'}}\n"
-    notifier_config = config(tmp_path, base, routes)
-
-    async def scenario(client: httpx.AsyncClient) -> tuple[int, int]:
-        notifier = Notifier(store, notifier_config, clock=clock, client=client)
-        first = await notifier.run_once()
-        store.add(3, "opened", "webhook")
-        return first, await notifier.run_once()  # no backoff of the target as a whole
-
-    assert run(scenario) == (1, 1)
-    assert (store.entries[refused].last_error or "").startswith("template error")
-    assert len(recv.requests) == 2
-
-
-def test_wake_starts_a_round_without_waiting_for_the_interval(
-    tmp_path: Path, receiver: Any
-) -> None:
-    recv, base = receiver
-    store, clock = MemoryOutbox(), ManualClock(T0)
-    notifier_config = config(tmp_path, base, WEBHOOK)
-
-    reads = {"n": 0}
-    real = store.due_notifications
-
-    def counted(now: datetime, limit: int, **which: Any) -> list[OutboxRow]:
-        rows = real(now, limit, **which)
-        reads["n"] += 1  # after the read: a row added from now on is not in it
-        return rows
-
-    store.due_notifications = counted  # type: ignore[method-assign]
-
-    async def scenario(client: httpx.AsyncClient) -> None:
-        notifier = Notifier(store, notifier_config, clock=clock, client=client)
-        task = asyncio.create_task(notifier.run_forever(interval=timedelta(hours=1)))
-        for _ in range(5_000):  # until its first round (webhook, unrouted rows) has read
-            if reads["n"] >= 2:
-                break
-            await asyncio.sleep(0.002)
-        # That round found nothing, so it reads no more: only wake() starts another.
-        store.add(1, "opened", "webhook")
-        notifier.wake()
-        assert await asyncio.to_thread(recv.arrived.wait, 10)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-    run(scenario)
-    assert len(recv.delivered()) == 1
