@@ -4,6 +4,8 @@ file:line:column."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -186,3 +188,49 @@ def test_the_shipped_example_config_loads_and_its_template_renders_valid_json() 
     body = render_template(template.template, {"summary": 'say "hi"'}, transition="opened",
                            url="http://x/1")
     assert json.loads(body) == {"text": '[opened] say "hi" http://x/1'}
+
+
+BAD_RESEND = """\
+routes:
+  billing-oncall:
+    alertmanager:
+      url: http://alertmanager:9093
+      resend_every: 5
+  data-oncall:
+    alertmanager: {url: http://alertmanager:9093, resend_every: sometimes}
+"""
+
+
+def test_resend_every_problems_are_said_in_the_files_own_terms(tmp_path: Path) -> None:
+    assert problems(tmp_path, BAD_RESEND) == [
+        "5:21: routes.billing-oncall.alertmanager.resend_every: expected a duration like 1m, "
+        "or never",
+        "7:65: routes.data-oncall.alertmanager.resend_every: invalid duration 'sometimes': use "
+        "a number with a unit, like 250ms, 30s, 10m, 1h30m, 7d, or never",
+    ]
+    text = "routes:\n  r:\n    alertmanager: {url: http://a, resend_every: never}\n"
+    never = write(tmp_path, text)
+    am = load_config(never).routes["r"].alertmanager
+    assert am is not None and am.resend_every is None
+
+
+def test_serve_with_a_bad_config_prints_located_problems_and_no_internals(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - name: r\n    trigger: {span: a}\n    expect: [{span: b}]\n")
+    config = write(tmp_path, BAD_RESEND)
+    result = subprocess.run(
+        [sys.executable, "-m", "outcomewatch", "serve", "--rules", str(rules), "--config",
+         str(config), "--db", str(tmp_path / "ow.duckdb"), "--grpc", "127.0.0.1:0",
+         "--http", "127.0.0.1:0", "--api", "127.0.0.1:0"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert lines == [
+        f"{config}:5:21: routes.billing-oncall.alertmanager.resend_every: expected a duration "
+        "like 1m, or never",
+        f"{config}:7:65: routes.data-oncall.alertmanager.resend_every: invalid duration "
+        "'sometimes': use a number with a unit, like 250ms, 30s, 10m, 1h30m, 7d, or never",
+        "outcomewatch: 2 error(s) in rule or config files",
+    ]
+    assert "function-before" not in result.stderr and "Traceback" not in result.stderr

@@ -1,194 +1,46 @@
-"""The outbox worker against real HTTP receivers (Starlette under uvicorn on free ports).
-
-Time is a ManualClock moved between ``run_once`` calls: retries are due when the clock says so,
-and nothing here sleeps. The OutboxStore is an in-memory stand-in with the contract's semantics.
-"""
+"""The outbox worker against real HTTP receivers: what arrives, in order, once; backoff;
+timeouts; templates; unconfigured routes; the labels. Time is a ManualClock moved between
+``run_once`` calls: retries are due when the clock says so, and nothing here sleeps."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
-import threading
-from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
 from outcomewatch.clock import ManualClock
-from outcomewatch.config import DEFAULT_RESEND, NotifyConfig, load_config
+from outcomewatch.config import DEFAULT_RESEND
 from outcomewatch.incidents import Notifier, OutboxRow, backoff_delay
 from outcomewatch.incidents.senders import (
     NOT_ENDED,
     alert_labels,
     sanitize_label_name,
 )
-from tests.servers import running_asgi
-
-T = TypeVar("T")
-T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
-OPENED_AT = "2025-03-01T11:58:00+00:00"
-RESOLVED_AT = "2025-03-01T12:30:00+00:00"
-EXTERNAL = "http://outcomewatch.internal:8080"
-
-
-@dataclass
-class Received:
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    status: int
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-class Receiver:
-    """Stands in for Alertmanager and webhook receivers: records every request, and answers
-    500 "boom" to those ``fail`` picks (by default none)."""
-
-    def __init__(self) -> None:
-        self.requests: list[Received] = []
-        self.fail: Callable[[Received], bool] = lambda _: False
-        self.release = threading.Event()  # a request to /slow waits for it
-        self.arrived = threading.Event()  # set by every request, for tests that wait for one
-        self.app = Starlette(routes=[Route("/{path:path}", self._handle, methods=["POST"])])
-
-    async def _handle(self, request: Request) -> Response:
-        received = Received(request.url.path, dict(request.headers), await request.body(), 200)
-        if received.path == "/slow":
-            await asyncio.to_thread(self.release.wait, 10)
-        if self.fail(received):
-            received.status = 500
-        self.requests.append(received)
-        self.arrived.set()
-        return Response("boom" if received.status == 500 else "", status_code=received.status)
-
-    def delivered(self) -> list[Any]:
-        return [r.json() for r in self.requests if r.status == 200]
+from tests.notify_support import (
+    BOTH,
+    EXTERNAL,
+    OPENED_AT,
+    RESOLVED_AT,
+    T0,
+    WEBHOOK,
+    MemoryOutbox,
+    Received,
+    Receiver,
+    config,
+    receiving,
+    run,
+)
 
 
 @pytest.fixture
 def receiver() -> Iterator[tuple[Receiver, str]]:
-    recv = Receiver()
-    with running_asgi(recv.app) as base_url:
-        yield recv, base_url
-        recv.release.set()
-
-
-@dataclass
-class Entry:
-    row: OutboxRow
-    status: str = "pending"
-    next_attempt_at: datetime = T0
-    last_error: str | None = None
-    sent_at: datetime | None = None
-
-
-@dataclass
-class MemoryOutbox:
-    """The OutboxStore contract, in memory."""
-
-    entries: dict[int, Entry] = field(default_factory=dict)
-    marks: list[tuple[int, bool, datetime, str | None, datetime | None]] = field(
-        default_factory=list
-    )
-
-    def add(self, incident: int, transition: str, target: str, route: str = "billing") -> int:
-        row_id = len(self.entries) + 1
-        payload = snapshot(incident, transition, route)
-        row = OutboxRow(row_id, incident, transition, target, route, payload, 0, T0)
-        self.entries[row_id] = Entry(row)
-        return row_id
-
-    def due_notifications(self, now: datetime, limit: int) -> list[OutboxRow]:
-        due = [
-            e.row
-            for e in self.entries.values()
-            if e.status in ("pending", "failed") and e.next_attempt_at <= now
-        ]
-        return sorted(due, key=lambda r: r.id)[:limit]
-
-    def pending_before(self, incident_id: int, row_id: int) -> bool:
-        target = self.entries[row_id].row.target
-        return any(
-            e.row.incident_id == incident_id and e.row.target == target and e.status != "sent"
-            for i, e in self.entries.items()
-            if i < row_id
-        )
-
-    async def mark_notification(
-        self,
-        row_id: int,
-        *,
-        sent: bool,
-        at: datetime,
-        error: str | None,
-        next_attempt_at: datetime | None,
-    ) -> None:
-        self.marks.append((row_id, sent, at, error, next_attempt_at))
-        entry = self.entries[row_id]
-        if sent:
-            entry.status, entry.sent_at = "sent", at
-        else:
-            assert next_attempt_at is not None
-            entry.status, entry.last_error = "failed", error
-            entry.next_attempt_at = next_attempt_at
-            entry.row = OutboxRow(**{**entry.row.__dict__, "attempts": entry.row.attempts + 1})
-
-
-def snapshot(incident: int, transition: str, route: str) -> dict[str, Any]:
-    resolved = transition == "resolved"
-    acknowledged = transition == "acknowledged"
-    return {
-        "id": incident,
-        "rule": "payment-failed-updates-access",
-        "status": "resolved" if resolved else "acknowledged" if acknowledged else "open",
-        "severity": "critical",
-        "owner": "billing",
-        "route": route,
-        "summary": 'access not updated after "invoice.payment_failed" <x>',
-        "description": "A failed invoice must change access.",
-        "group": {"customer.id": "c-42"},
-        "opened_at": OPENED_AT,
-        "last_failure_at": OPENED_AT,
-        "resolved_at": RESOLVED_AT if resolved else None,
-        "failure_count": 2,
-        "transition": transition,
-        "comment": "on it" if acknowledged else None,
-        "actor": "ana" if acknowledged else None,
-    }
-
-
-def config(tmp_path: Path, base_url: str, routes: str) -> NotifyConfig:
-    text = f"external_url: {EXTERNAL}\nroutes:\n" + routes.replace("BASE", base_url)
-    path = tmp_path / "outcomewatch.yaml"
-    path.write_text(text, encoding="utf-8")
-    return load_config(path)
-
-
-BOTH = """\
-  billing:
-    alertmanager: {url: BASE/am}
-    webhook: {url: BASE/hook, headers: {Authorization: Bearer xyz}}
-"""
-WEBHOOK = "  billing:\n    webhook: {url: BASE/hook}\n"
-
-
-def run(scenario: Callable[[httpx.AsyncClient], Coroutine[Any, Any, T]]) -> T:
-    async def main() -> T:
-        async with httpx.AsyncClient() as client:
-            return await scenario(client)
-
-    return asyncio.run(main())
+    yield from receiving()
 
 
 def test_a_lifecycle_arrives_once_each_in_order(tmp_path: Path, receiver: Any) -> None:
@@ -427,18 +279,20 @@ def test_an_unconfigured_route_or_target_fails_and_is_retried(
     assert len(recv.requests) == 3
 
 
-def test_run_forever_survives_an_exception(tmp_path: Path, receiver: Any) -> None:
+def test_run_forever_survives_an_exception(
+    tmp_path: Path, receiver: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     recv, base = receiver
     store, clock = MemoryOutbox(), ManualClock(T0)
     store.add(1, "opened", "webhook")
     calls = {"n": 0}
     real = store.due_notifications
 
-    def flaky(now: datetime, limit: int) -> list[OutboxRow]:
+    def flaky(now: datetime, limit: int, **which: Any) -> list[OutboxRow]:
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("database is locked")
-        return real(now, limit)
+        return real(now, limit, **which)
 
     store.due_notifications = flaky  # type: ignore[method-assign]
     notifier_config = config(tmp_path, base, WEBHOOK)
@@ -446,6 +300,13 @@ def test_run_forever_survives_an_exception(tmp_path: Path, receiver: Any) -> Non
     async def scenario(client: httpx.AsyncClient) -> None:
         notifier = Notifier(store, notifier_config, clock=clock, client=client)
         task = asyncio.create_task(notifier.run_forever(interval=timedelta(milliseconds=1)))
+        for _ in range(5_000):  # until the failed round has backed off (on the injected clock)
+            if "database is locked" in caplog.text:
+                break
+            await asyncio.sleep(0.002)
+        assert "next attempt in 0:00:01: RuntimeError: database is locked" in caplog.text
+        assert "Traceback" not in caplog.text
+        clock.advance(timedelta(seconds=1))
         assert await asyncio.to_thread(recv.arrived.wait, 10)
         assert not task.done()
         task.cancel()
@@ -463,10 +324,18 @@ def test_label_names_are_sanitised_and_never_replace_the_identity_labels() -> No
     payload = {
         "id": 1, "rule": "r", "owner": "o", "severity": "warning", "route": "x",
         "group": {"customer.id": "c1", "customer_id": "c2", "9lives": 3, "rule": "other",
-                  "flag": True, "gone": None},
+                  "flag": True, "gone": None, "blank": ""},
     }
     assert alert_labels(payload) == {
         "alertname": "OutcomeMissing", "rule": "r", "owner": "o", "severity": "warning",
         "route": "x", "customer_id": "c1", "customer_id_": "c2", "_9lives": "3",
-        "group_rule": "other", "flag": "true",
+        "group_rule": "other", "flag": "true", "gone": "<missing>", "blank": "<empty>",
     }
+
+
+def test_a_missing_and_an_empty_group_value_are_two_alert_identities() -> None:
+    def labels(value: Any) -> dict[str, str]:
+        return alert_labels({"id": 1, "rule": "r", "group": {"customer.id": value}})
+
+    identities = {tuple(sorted(labels(v).items())) for v in (None, "", "c-1")}
+    assert len(identities) == 3

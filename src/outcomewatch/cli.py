@@ -228,11 +228,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    max_live_bytes = args.max_live_bytes or default_live_bytes()
-    logging.getLogger("outcomewatch").info(
-        "live-state budget %.0f MiB (%s)", max_live_bytes / 2**20,
-        "--max-live-bytes" if args.max_live_bytes else
-        "a quarter of the memory limit; set it with --max-live-bytes")
+    max_live_bytes = args.max_live_bytes or default_live_bytes()  # logged at start
     settings = Settings(
         rules=tuple(args.rules or ["rules"]),
         db=args.db,

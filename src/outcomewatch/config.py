@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from types import MappingProxyType
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import jinja2
@@ -144,7 +144,22 @@ def _template(value: Any) -> jinja2.Template | None:
         ) from None
 
 
+def _resend(value: Any) -> timedelta | None:
+    # One validator rather than a ``Duration | Literal["never"]`` union: pydantic reports a
+    # union's failure once per member, under its internal names ("function-before[...]").
+    if value == "never":
+        return None
+    if not isinstance(value, str):
+        raise PydanticCustomError("duration", "expected a duration like 1m, or never")
+    try:
+        return parse_duration(value)
+    except DurationError as exc:
+        raise PydanticCustomError("duration", "{message}, or never", {"message": str(exc)}) \
+            from None
+
+
 Duration = Annotated[timedelta, BeforeValidator(_duration)]
+Resend = Annotated[timedelta | None, BeforeValidator(_resend)]
 Url = Annotated[str, BeforeValidator(_url)]
 Template = Annotated[Any, BeforeValidator(_template)]
 
@@ -156,7 +171,7 @@ class _Model(BaseModel):
 class AlertmanagerModel(_Model):
     url: Url
     timeout: Duration = DEFAULT_TIMEOUT
-    resend_every: Duration | Literal["never"] = DEFAULT_RESEND
+    resend_every: Resend = DEFAULT_RESEND
 
 
 class WebhookModel(_Model):
@@ -267,8 +282,7 @@ def _compile_route(model: RouteModel) -> RouteConfig:
         webhook = WebhookTarget(hook.url, headers, hook.template, hook.content_type, hook.timeout)
     alertmanager = None
     if am is not None:
-        resend = None if am.resend_every == "never" else am.resend_every
-        alertmanager = AlertmanagerTarget(am.url, am.timeout, resend)
+        alertmanager = AlertmanagerTarget(am.url, am.timeout, am.resend_every)
     return RouteConfig(alertmanager=alertmanager, webhook=webhook)
 
 

@@ -101,6 +101,7 @@ class Server:
         self._ready = False
         self._notifier: Notifier | None = None
         self._backtest_lock = asyncio.Lock()
+        self._warned_no_routes = False
 
     # -- what the API's rules admin reads -------------------------------------------------
 
@@ -129,6 +130,7 @@ class Server:
         self.store = store = Store(self.settings.db, max_queue=self.settings.max_queue,
                                    on_commit=self.metrics.storage_write_seconds.observe)
         self.metrics.watch_open_incidents(store.open_incident_counts)
+        self.metrics.watch_notification_queue(store.notification_queue, self.clock)
         # Scheduled rules go on from where the last process stopped judging their slots.
         self.engine = self._new_engine(await asyncio.to_thread(store.schedule_progress))
         self.pipeline = Pipeline(self.engine, store, rules=lambda: self.source.rules,
@@ -160,14 +162,22 @@ class Server:
         )
         self._background.append(asyncio.create_task(
             self._notifier.run_forever(interval=self.settings.notify_interval)))
+        loop, notifier = asyncio.get_running_loop(), self._notifier
+
+        def wake() -> None:  # on the writer thread: new outbox rows are committed
+            loop.call_soon_threadsafe(notifier.wake)
+
+        store.on_transitions = wake
         self._warn_unrouted()
         self._ready = True
         log.info(
             "outcomewatch serving: OTLP/gRPC %s:%d, OTLP/HTTP %s:%d, API http://%s:%d; "
-            "database %s; %d rules from %s",
+            "database %s; %d rules from %s; live-state budget %s",
             self.settings.grpc.host, self.grpc_port, self.settings.http.host, self.http_port,
             self.settings.api.host, self.api_port, self.settings.db, len(self.rules.rules),
             ", ".join(self.source.files()) or "no file",
+            f"{self.settings.max_live_bytes / 2**20:.0f} MiB (--max-live-bytes)"
+            if self.settings.max_live_bytes else "none",
         )
 
     async def _act(
@@ -177,8 +187,11 @@ class Server:
         assert self.store is not None
         # By the incident's own (stored) route: a rule's route may have changed since it opened.
         routes = {route: self.notify.targets_for(route) for route in self.notify.routes}
-        return await self.store.act(incident_id, action, actor=actor, comment=comment,
-                                    at=self.clock(), targets_for_route=routes)
+        result = await self.store.act(incident_id, action, actor=actor, comment=comment,
+                                      at=self.clock(), targets_for_route=routes)
+        if result.changed and self._notifier is not None:
+            self._notifier.wake()
+        return result
 
     async def _backtest(self, rules_yaml: str, *, since: timedelta | None,
                         trace_idle: timedelta | None) -> dict[str, Any]:
@@ -202,6 +215,10 @@ class Server:
     def _warn_unrouted(self) -> None:
         """A rule whose route has no target gets no notifications: say so once."""
         if not self.notify.routes:
+            if not self._warned_no_routes:
+                self._warned_no_routes = True
+                log.warning("no notification routes (--config): incidents are stored and shown "
+                            "by the API and the console, but announced nowhere")
             return
         for rule in self.rules.rules:
             if rule.route and not self.notify.targets_for(rule.route):

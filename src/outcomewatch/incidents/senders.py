@@ -3,18 +3,18 @@
 Two targets, both things teams already run for paging:
 
 - Alertmanager's v2 API (``POST {url}/api/v2/alerts``), one alert per incident, identified (as
-  Alertmanager identifies alerts) by its labels.
+  Alertmanager identifies alerts) by its labels; a re-send posts all of a target's firing
+  alerts in one request, as Prometheus does.
 - A generic webhook whose default body is what Alertmanager itself posts to webhook receivers,
   so existing receivers (and their parsers) take it as is; or a Jinja2 template of the config.
 
-A sender returns when the receiver answered 2xx and raises DeliveryError otherwise. It does no
+A sender returns when the receiver answered 2xx and raises DeliveryError otherwise (saying
+whether the target itself looks down, or only this notification was refused). It does no
 retrying: the Notifier owns retries, backoff and ordering.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from collections.abc import Mapping
 from datetime import datetime, timedelta
@@ -36,10 +36,25 @@ NOT_ENDED = "0001-01-01T00:00:00Z"  # what Alertmanager's webhook shows as endsA
 ERROR_BODY_CHARS = 200
 _NOT_GROUPING = ("alertname", "owner", "severity", "route")
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+# A group value that is missing (null) or empty still needs a label value of its own: an empty
+# label value means "no label" to Alertmanager, and two incidents would share one identity.
+MISSING_VALUE = "<missing>"
+EMPTY_VALUE = "<empty>"
+_FNV_OFFSET = 14695981039346656037
+_FNV_PRIME = 1099511628211
+_SEPARATOR = 0xFF  # prometheus/common model.SeparatorByte
 
 
 class DeliveryError(OutcomewatchError):
-    """A notification the receiver did not accept; the message is what ``last_error`` shows."""
+    """A notification the receiver did not accept; the message is what ``last_error`` shows.
+
+    ``target_down``: the target itself failed (no connection, timeout, 5xx, 429), so the
+    Notifier backs off the whole target; otherwise only this notification was refused (another
+    4xx, a template error) and the target's other notifications go on."""
+
+    def __init__(self, message: str, *, target_down: bool = False) -> None:
+        super().__init__(message)
+        self.target_down = target_down
 
 
 def incident_url(external_url: str, incident_id: int) -> str:
@@ -54,17 +69,22 @@ def sanitize_label_name(name: str) -> str:
 
 
 def group_labels(payload: Mapping[str, Any]) -> dict[str, str]:
-    """The incident's group_by values as labels (names sanitised; null and empty values left
-    out, as an empty label value means "no label" to Alertmanager)."""
+    """The incident's group_by values as labels: names sanitised (``customer.id`` becomes
+    ``customer_id``), a null or missing value shown as ``<missing>`` and an empty string as
+    ``<empty>`` (never left out: an empty label value means "no label" to Alertmanager, and
+    two incidents would then share one alert identity), other non-strings JSON-encoded."""
     labels: dict[str, str] = {}
     group = payload.get("group") or {}
     for key, value in group.items() if isinstance(group, Mapping) else ():
         text = _label_value(value)
-        if text:
-            name = sanitize_label_name(str(key))
-            while name in labels:  # two keys that sanitise alike ("a.b", "a_b") both stay
-                name += "_"
-            labels[name] = text
+        if value is None:
+            text = MISSING_VALUE
+        elif not text:
+            text = EMPTY_VALUE
+        name = sanitize_label_name(str(key))
+        while name in labels:  # two keys that sanitise alike ("a.b", "a_b") both stay
+            name += "_"
+        labels[name] = text
     return labels
 
 
@@ -98,6 +118,12 @@ def alert_annotations(payload: Mapping[str, Any], url: str) -> dict[str, str]:
     return {name: str(value) for name, value in annotations.items() if value}
 
 
+def episode_start(payload: Mapping[str, Any]) -> str | None:
+    """When the incident's current firing episode began: its latest (re-)opening."""
+    started = payload.get("episode_started_at") or payload.get("opened_at")
+    return str(started) if started else None
+
+
 def alertmanager_alert(
     payload: Mapping[str, Any], *, transition: str, external_url: str, now: datetime,
     horizon: timedelta = FIRING_HORIZON,
@@ -110,8 +136,9 @@ def alertmanager_alert(
         "annotations": alert_annotations(payload, url),
         "generatorURL": url,
     }
-    if payload.get("opened_at"):
-        alert["startsAt"] = payload["opened_at"]
+    started = episode_start(payload)
+    if started:
+        alert["startsAt"] = started
     if transition == "resolved":
         alert["endsAt"] = payload.get("resolved_at") or now.isoformat()
     else:
@@ -143,14 +170,21 @@ async def send_alertmanager(
         return False
     alert = alertmanager_alert(payload, transition=transition, external_url=external_url,
                                now=now, horizon=firing_horizon(target))
+    await post_alerts(client, target, [alert])
+    return True
+
+
+async def post_alerts(
+    client: httpx.AsyncClient, target: AlertmanagerTarget, alerts: list[dict[str, Any]]
+) -> None:
+    """Post ``alerts`` (postableAlerts) to the target in one request."""
     await _post(
         client,
         f"{target.url}/api/v2/alerts",
-        content=_json([alert]),
+        content=_json(alerts),
         headers={"Content-Type": "application/json"},
         timeout=target.timeout,
     )
-    return True
 
 
 def webhook_body(
@@ -179,7 +213,7 @@ def webhook_body(
                 "status": status,
                 "labels": labels,
                 "annotations": annotations,
-                "startsAt": payload.get("opened_at") or NOT_ENDED,
+                "startsAt": episode_start(payload) or NOT_ENDED,
                 "endsAt": ends_at,
                 "generatorURL": url,
                 "fingerprint": fingerprint(labels),
@@ -190,10 +224,18 @@ def webhook_body(
 
 
 def fingerprint(labels: Mapping[str, str]) -> str:
-    """16 hex digits identifying a label set, like Alertmanager's (not the same hash function:
-    receivers compare fingerprints, they do not recompute them)."""
-    canonical = json.dumps(sorted(labels.items()), separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    """The label set's fingerprint exactly as Alertmanager computes it (prometheus/common
+    ``LabelSet.Fingerprint``): FNV-1a 64 over the label names in sorted order, each name and
+    its value followed by the separator byte 0xFF, as 16 lowercase hex digits.
+
+    Written out because no maintained Python package exposes it; 8 lines, pinned by a test
+    against a real Alertmanager's ``/api/v2/alerts``."""
+    digest = _FNV_OFFSET
+    for name in sorted(labels):
+        for part in (name, labels[name]):
+            for byte in (*part.encode(), _SEPARATOR):
+                digest = ((digest ^ byte) * _FNV_PRIME) & 0xFFFFFFFFFFFFFFFF
+    return f"{digest:016x}"
 
 
 def render_template(
@@ -246,10 +288,11 @@ async def _post(
         )
     except httpx.HTTPError as exc:
         detail = str(exc) or "no detail"
-        raise DeliveryError(f"{type(exc).__name__}: {detail}") from exc
+        raise DeliveryError(f"{type(exc).__name__}: {detail}", target_down=True) from exc
     if not response.is_success:
         status, text = f"HTTP {response.status_code}", response.text[:ERROR_BODY_CHARS]
-        raise DeliveryError(f"{status}: {text}" if text else status)
+        down = response.status_code >= 500 or response.status_code == 429
+        raise DeliveryError(f"{status}: {text}" if text else status, target_down=down)
 
 
 def _json(value: Any) -> bytes:

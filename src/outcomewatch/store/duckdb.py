@@ -99,6 +99,9 @@ class Store(ServerReads):
         except duckdb.Error as exc:
             raise StoreError(f"cannot open database {path}: {exc}") from exc
         self._max_queue = max_queue
+        # Called on the writer thread once a batch with incident transitions is committed
+        # (their outbox rows are then readable): the server wakes its notifier.
+        self.on_transitions: Callable[[], None] = lambda: None
         # Verdict events queued but not yet committed; over the bound, exports are refused.
         self._max_pending_verdicts = max(64, max_queue) * 64
         self._pending_verdicts = 0
@@ -160,7 +163,12 @@ class Store(ServerReads):
         """Queue what the engine decided (see store/verdicts.py), in the engine's order: the
         writer is FIFO, and consecutive batches in one transaction are written as one."""
         if len(batch):
-            self._submit(_Job(verdicts=batch, done=_log_failure))
+            self._submit(_Job(verdicts=batch, done=self._verdicts_done))
+
+    def _verdicts_done(self, result: object) -> None:
+        _log_failure(result)
+        if isinstance(result, verdicts.Written) and result.transitions:
+            self.on_transitions()
 
     async def write_verdicts_and_wait(self, batch: VerdictBatch) -> verdicts.Written:
         """``write_verdicts``, returning once committed with what it changed."""

@@ -1,5 +1,6 @@
 """The reads the server itself makes (the API's are in queries.py): what a restart observes
-again, a failed run's trace for its evidence, the notification outbox, schedule progress.
+again, a failed run's trace for its evidence, schedule progress (the outbox's are in
+outbox.py).
 
 Each read takes its own cursor from the shared connection, so it may run in any thread while
 the writer thread writes.
@@ -7,18 +8,16 @@ the writer thread writes.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import duckdb
 
-from outcomewatch.model import OutboxRow
-from outcomewatch.store.incidents import firing_snapshots
+from outcomewatch.store.outbox import OutboxReads
 
 
-class ServerReads:
+class ServerReads(OutboxReads):
     conn: duckdb.DuckDBPyConnection
 
     def _rows(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
@@ -46,43 +45,6 @@ class ServerReads:
             [since_ns],
         )
         return [(bytes(r[0]), bytes(r[1]), str(r[2]), int(r[3])) for r in rows]
-
-    def due_notifications(self, now: datetime, limit: int) -> list[OutboxRow]:
-        """Rows pending or failed whose next attempt is due, oldest first; a row behind an
-        unsent earlier row of its incident and target is left out (it would only wait)."""
-        rows = self._rows(
-            "SELECT id, incident_id, transition, target, route, payload, attempts, "
-            "epoch_us(created_at) FROM outbox o WHERE status IN ('pending', 'failed') "
-            "AND next_attempt_at <= ? AND NOT EXISTS (SELECT 1 FROM outbox e "
-            "WHERE e.incident_id = o.incident_id AND e.target = o.target AND e.id < o.id "
-            "AND e.status <> 'sent') ORDER BY id LIMIT ?",
-            [now, limit],
-        )
-        return [
-            OutboxRow(int(r[0]), int(r[1]), str(r[2]), str(r[3]), str(r[4]), json.loads(r[5]),
-                      int(r[6]), datetime.fromtimestamp(r[7] / 1e6, UTC))
-            for r in rows
-        ]
-
-    def pending_before(self, incident_id: int, row_id: int) -> bool:
-        """Whether an earlier notification of the same incident and target is still unsent:
-        then this one waits, so a 'resolved' never overtakes its 'opened'."""
-        rows = self._rows(
-            "SELECT count(*) FROM outbox o JOIN outbox this ON this.id = ? "
-            "WHERE o.incident_id = ? AND o.target = this.target AND o.id < ? "
-            "AND o.status <> 'sent'",
-            [row_id, incident_id, row_id],
-        )
-        row = rows[0] if rows else None
-        return row is not None and int(row[0]) > 0
-
-    def firing_incidents(self) -> list[dict[str, Any]]:
-        """Snapshots (as in the outbox payload) of the incidents open or acknowledged."""
-        cursor = self.conn.cursor()
-        try:
-            return firing_snapshots(cursor)
-        finally:
-            cursor.close()
 
     def schedule_progress(self) -> dict[str, datetime]:
         """Per scheduled rule, the time up to which its slots have been judged."""
