@@ -144,6 +144,10 @@ class Metrics:
         self.live_traces = Gauge(
             "outcomewatch_live_traces", "Traces held in memory with open runs or candidates.",
             registry=r)
+        self.live_bytes = Gauge(
+            "outcomewatch_live_bytes",
+            "Estimated memory of the live state (traces, held spans, open runs), against "
+            "--max-live-bytes.", registry=r)
         self.open_runs = Gauge(
             "outcomewatch_open_runs", "Runs waiting for their outcome.", registry=r)
         self.notifications = Counter(

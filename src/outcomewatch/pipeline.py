@@ -105,6 +105,7 @@ class Pipeline:
         self.metrics.evicted_traces.inc(self.engine.evicted_traces - self._evicted_seen)
         self._evicted_seen = self.engine.evicted_traces
         self.metrics.live_traces.set(self.engine.live_traces)
+        self.metrics.live_bytes.set(self.engine.live_bytes)
         self.metrics.open_runs.set(self.engine.open_runs)
 
     def persist(self, events: Sequence[RunEvent]) -> None:
