@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import duckdb
 import pyarrow as pa
@@ -32,8 +32,8 @@ from outcomewatch.errors import Overloaded, StoreError
 from outcomewatch.model import LateOutcome, RunFailed, RunOpened, RunPassed
 from outcomewatch.otlp import SpanBatch
 from outcomewatch.store import incidents
+from outcomewatch.store.database import STORE_LEVEL_ERRORS, Checkpoints, Database, first_line
 from outcomewatch.store.incidents import IncidentFacts
-from outcomewatch.store.schema import DDL, SCHEMA_VERSION
 from outcomewatch.store.server_reads import ServerReads
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ _RUN_SCHEMA = pa.schema([
 _KEY_SCHEMA = pa.schema([("run_id", pa.string()), ("key", pa.string()), ("value", pa.string())])
 
 _MAX_GROUP = 256  # jobs per transaction; bounds the latency one commit adds
-_CHECKPOINT_EVERY_S = 30.0
+_REOPEN_EVERY_S = 1.0  # how often an idle writer tries to re-open an invalidated database
 _MAX_KNOWN_RESOURCES = 10_000
 
 
@@ -78,6 +78,9 @@ def _no_op(_: object) -> None:
     return None
 
 
+_IDLE = _Job()  # the writer woke up without work: time to checkpoint or to re-open
+
+
 @dataclass(frozen=True, slots=True)
 class PassStreak:
     """Passed runs of one rule and group in one go, for flap control (``resolve_after``)."""
@@ -96,28 +99,26 @@ class Store(ServerReads):
     def __init__(
         self, path: str, *, max_queue: int = 1024,
         on_commit: Callable[[float], None] | None = None,
+        checkpoints: Checkpoints | None = None,
     ) -> None:
-        try:
-            self.conn = duckdb.connect(path)
-            # Checkpoint on our own schedule: the automatic one every 16 MB of WAL stalls inserts.
-            self.conn.execute("SET checkpoint_threshold = '1GB'")
-            self.conn.execute("SET TimeZone = 'UTC'")
-            self.conn.execute(DDL)
-            if self.conn.execute("SELECT count(*) FROM schema_version").fetchone() == (0,):
-                self.conn.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
-            # DuckDB replays its WAL at open but does not checkpoint it: with frequent restarts
-            # the WAL would only grow, and every start would replay more of it.
-            self.conn.execute("CHECKPOINT")
-        except duckdb.Error as exc:
-            raise StoreError(f"cannot open database {path}: {exc}") from exc
+        self._db = Database(path, checkpoints=checkpoints)
+        # Readers (the API's Reader, ServerReads) only take cursors: the Database forwards them
+        # to whichever connection is current, so they survive a re-open. Typed as a connection
+        # so that they need no change.
+        self.conn = cast(duckdb.DuckDBPyConnection, self._db)
         self._max_queue = max_queue
         self._on_commit = on_commit or (lambda seconds: None)
         self._known_resources: set[int] = set()
         self._queue: queue.Queue[_Job | None] = queue.Queue()
-        self._writer = self.conn.cursor()
+        self.healthy = True  # False from a failed write (or an invalidated file) to a good one
+        self._checkpoint_problem: str | None = None  # why the last checkpoint was not done
         self._thread = threading.Thread(target=self._run, name="duckdb-writer", daemon=True)
         self._thread.start()
-        self.healthy = True
+
+    @property
+    def _writer(self) -> duckdb.DuckDBPyConnection:
+        """The writer thread's cursor (a new one after a re-open)."""
+        return self._db.writer
 
     # -- submitting work ------------------------------------------------------------------
 
@@ -204,31 +205,48 @@ class Store(ServerReads):
     def close(self) -> None:
         """Finish queued work, checkpoint, and close the file.
 
-        A reader thread may still be finishing a query (a cancelled task does not stop the
-        thread it awaited), and DuckDB refuses to close a busy connection: retry briefly."""
+        Raises StoreError, after closing, when the stop is unclean: the final checkpoint failed
+        or could not be attempted because the database is failing (nothing acknowledged is
+        lost: the write-ahead log holds it and the next start replays it). A checkpoint only
+        postponed for lack of disk space is logged, not raised."""
         self._queue.put(None)
         self._thread.join()
-        self._checkpoint()
-        self._writer.close()
-        for _ in range(100):
-            try:
-                self.conn.close()
-                return
-            except duckdb.Error:
-                time.sleep(0.05)
-        self.conn.close()
+        problem: str | None = None
+        if self._db.invalidated is not None and not self._db.reopen():
+            problem = f"the database is unusable ({self._db.invalidated})"
+        elif not self.healthy:
+            problem = "writes were failing, so no final checkpoint was attempted"
+        elif (room := self._db.room_for_checkpoint()) is not None:
+            log.warning("closing without a final checkpoint: %s; the next start replays the "
+                        "write-ahead log", room)
+        elif (failed := self._checkpoint()) is not None:
+            problem = failed
+        self._db.close()
+        if problem is not None:
+            raise StoreError(
+                f"{self._db.path} closed uncleanly: {problem}; the next start replays its "
+                "write-ahead log")
 
     # -- the writer thread ----------------------------------------------------------------
 
     def _run(self) -> None:
+        checkpoints = self._db.checkpoints
         last_checkpoint = time.monotonic()
         while True:
-            job = self._queue.get()
+            wait: float | None = None  # failing writes: no checkpoint is due, wait for work
+            if self._db.invalidated is not None:
+                wait = _REOPEN_EVERY_S
+            elif self.healthy:
+                wait = max(0.0, last_checkpoint + checkpoints.interval_s - time.monotonic())
+            try:
+                job = self._queue.get(timeout=wait)
+            except queue.Empty:
+                job = _IDLE
             if job is None:
                 return
-            jobs = [job]
             stop = False
-            while len(jobs) < _MAX_GROUP:
+            jobs = [] if job is _IDLE else [job]
+            while jobs and len(jobs) < _MAX_GROUP:
                 try:
                     more = self._queue.get_nowait()
                 except queue.Empty:
@@ -237,33 +255,70 @@ class Store(ServerReads):
                     stop = True
                     break
                 jobs.append(more)
-            self._commit_group(jobs)
+            if jobs:
+                self._commit_group(jobs)
+            elif self._db.invalidated is not None:
+                self._reopen()  # idle: recover without waiting for traffic
             if stop:
                 return
-            if self._queue.empty() and time.monotonic() - last_checkpoint > _CHECKPOINT_EVERY_S:
-                # Only when idle: a checkpoint holds the writer, so it waits for a quiet moment.
+            if (self._queue.empty() and self.healthy
+                    and time.monotonic() - last_checkpoint >= checkpoints.interval_s):
+                # Only when idle (a checkpoint holds the writer) and while writes succeed: a
+                # checkpoint on a failing disk is what makes DuckDB invalidate the database.
                 self._checkpoint()
                 last_checkpoint = time.monotonic()
 
-    def _checkpoint(self) -> None:
-        try:
-            self._writer.execute("CHECKPOINT")
-        except duckdb.Error as exc:
-            log.warning("checkpoint failed: %s", exc)
+    def _checkpoint(self) -> str | None:
+        """Checkpoint now; None once done, else why not (logged once per kind of reason)."""
+        problem = self._db.checkpoint()
+        if problem is None:
+            self._checkpoint_problem = None
+            return None
+        if self._db.invalidated is not None:
+            self.healthy = False
+            log.error("database %s invalidated by a failed checkpoint (%s); re-opening it "
+                      "once the disk has room", self._db.path, self._db.invalidated)
+        elif self._checkpoint_problem is None:  # said once, until a checkpoint succeeds
+            log.warning("checkpoint postponed: %s", problem)
+        self._checkpoint_problem = problem
+        return problem
+
+    def _reopen(self) -> bool:
+        """Re-open an invalidated database (DuckDB replays its WAL); True once usable."""
+        reason = self._db.invalidated
+        if not self._db.reopen():
+            return False
+        self._known_resources.clear()  # lost with the transaction that was rolled back
+        log.warning("database %s re-opened after it was invalidated (%s)", self._db.path, reason)
+        return True
 
     def _commit_group(self, jobs: list[_Job]) -> None:
+        if self._db.invalidated is not None and not self._reopen():
+            self.healthy = False
+            self._fail(jobs, f"database is unusable until it can be re-opened: "
+                             f"{self._db.invalidated}")
+            return
         try:
             results = self._apply(jobs)
-        except Exception:
+        except Exception as exc:
             self._known_resources.clear()  # the rolled-back transaction may have added some
+            if isinstance(exc, STORE_LEVEL_ERRORS):
+                # The file or the disk failed, not a job: every job would fail the same way.
+                self._store_failed(exc)
+                self._fail(jobs, f"database write failed: {first_line(exc)}")
+                return
             # One bad job must not fail the others: retry each in a transaction of its own.
-            log.warning("group commit of %d jobs failed; retrying one by one", len(jobs))
+            log.warning("group commit of %d jobs failed (%s); retrying one by one",
+                        len(jobs), first_line(exc))
             for job in jobs:
                 try:
                     (result,) = self._apply([job])
-                except Exception as exc:
-                    self.healthy = False
-                    (job.done or _no_op)(StoreError(f"database write failed: {exc}"))
+                except Exception as job_exc:
+                    self._known_resources.clear()
+                    if isinstance(job_exc, STORE_LEVEL_ERRORS):
+                        self._store_failed(job_exc)
+                    (job.done or _no_op)(
+                        StoreError(f"database write failed: {first_line(job_exc)}"))
                 else:
                     self.healthy = True
                     (job.done or _no_op)(result)
@@ -271,6 +326,17 @@ class Store(ServerReads):
         self.healthy = True
         for job, result in zip(jobs, results, strict=True):
             (job.done or _no_op)(result)
+
+    def _store_failed(self, exc: Exception) -> None:
+        self.healthy = False
+        if isinstance(exc, duckdb.FatalException):
+            self._db.invalidated = first_line(exc)
+        log.error("database write failed: %s", first_line(exc))
+
+    @staticmethod
+    def _fail(jobs: list[_Job], message: str) -> None:
+        for job in jobs:
+            (job.done or _no_op)(StoreError(message))
 
     def _apply(self, jobs: list[_Job]) -> list[object]:
         db = self._writer
