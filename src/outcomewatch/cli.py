@@ -145,11 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from outcomewatch import lograte
     from outcomewatch.listeners import Address
     from outcomewatch.server import Server, Settings
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    lograte.install()  # one line per second per kind of repeated warning or error
     settings = Settings(
         rules=tuple(args.rules or ["rules"]),
         db=args.db,
