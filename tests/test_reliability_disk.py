@@ -84,13 +84,13 @@ def filled(disk: Path, *, leave: int = 0) -> Iterator[Filler]:
         filler.free()
 
 
-def _incompressible_export() -> Export:
-    """About 1 MB of random attribute values (hex: DuckDB cannot shrink it much), in 16
-    spans no rule looks at."""
+def _incompressible_export(*, spans: int) -> Export:
+    """60 KB of random attribute values per span (hex: DuckDB cannot shrink it much), in
+    ``spans`` spans no rule looks at."""
     trace_id = os.urandom(16)
     return Export.of([make_span(trace_id, "db.query",
                                 attributes={"blob": os.urandom(30_000).hex()})
-                      for _ in range(16)])
+                      for _ in range(spans)])
 
 
 def _assert_store_logs_one_line_each(output: str) -> None:
@@ -131,12 +131,12 @@ def test_a_checkpoint_failing_on_a_full_disk_is_recovered_from_without_a_restart
         for i in range(20):
             assert client.send(traces.exports[i].body) == grpc.StatusCode.OK
             acked.add(i)
-        # Nearly full: room for the WAL of 6 MB of exports, not for the checkpoint writing
+        # Nearly full: room for the WAL of a 6 MB export, not for the checkpoint writing
         # them again into the database file (more than its free blocks can take).
-        big = [_incompressible_export() for _ in range(6)]
+        # One export, so that no checkpoint can come between its parts.
+        big = _incompressible_export(spans=96)
         with filled(disk, leave=6 * 1024 * 1024 + 512 * 1024) as filler:
-            for export in big:
-                assert client.send(export.body) == grpc.StatusCode.OK
+            assert client.send(big.body) == grpc.StatusCode.OK
             # Idle with a WAL to write: the next checkpoint fails and DuckDB invalidates it.
             wait_for(lambda: "invalidated by a failed checkpoint" in server.output(),
                      "the checkpoint to fail on the full disk")
@@ -155,7 +155,7 @@ def test_a_checkpoint_failing_on_a_full_disk_is_recovered_from_without_a_restart
         output = server.output()
     _assert_store_logs_one_line_each(output)
     expected = {span for i in acked for span in traces.exports[i].spans}
-    expected |= {span for export in big for span in export.spans}
+    expected |= big.spans
     assert expected <= _stored_spans(server.db)
 
 

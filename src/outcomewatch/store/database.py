@@ -132,6 +132,8 @@ class Database:
 
     def __getattr__(self, name: str) -> Any:
         # Anything else a caller expects of a connection (execute, ...) goes to the current one.
+        if name.startswith("_"):  # not one of ours (or not set yet): never recurse
+            raise AttributeError(name)
         return getattr(self._conn, name)
 
     # -- checkpoints ----------------------------------------------------------------------

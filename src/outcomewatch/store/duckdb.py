@@ -211,21 +211,33 @@ class Store(ServerReads):
         postponed for lack of disk space is logged, not raised."""
         self._queue.put(None)
         self._thread.join()
-        problem: str | None = None
-        if self._db.invalidated is not None and not self._db.reopen():
-            problem = f"the database is unusable ({self._db.invalidated})"
-        elif not self.healthy:
-            problem = "writes were failing, so no final checkpoint was attempted"
-        elif (room := self._db.room_for_checkpoint()) is not None:
-            log.warning("closing without a final checkpoint: %s; the next start replays the "
-                        "write-ahead log", room)
-        elif (failed := self._checkpoint()) is not None:
-            problem = failed
+        problem = self._final_checkpoint()
         self._db.close()
         if problem is not None:
             raise StoreError(
                 f"{self._db.path} closed uncleanly: {problem}; the next start replays its "
                 "write-ahead log")
+
+    def _final_checkpoint(self) -> str | None:
+        """Checkpoint before closing; None when done (or only postponed), else why not."""
+        if self._db.invalidated is not None and not self._db.reopen():
+            return f"the database is unusable ({self._db.invalidated})"
+        if not self.healthy and not self._writes_again():
+            return "writes were failing, so no final checkpoint was attempted"
+        if (room := self._db.room_for_checkpoint()) is not None:
+            log.warning("closing without a final checkpoint: %s; the next start replays the "
+                        "write-ahead log", room)
+            return None
+        return self._checkpoint()
+
+    def _writes_again(self) -> bool:
+        """One trivial write (the disk may have recovered since the last failure)."""
+        try:
+            self._apply([_Job(work=lambda db: db.execute(
+                "UPDATE schema_version SET version = version"))])
+        except Exception:
+            return False
+        return True
 
     # -- the writer thread ----------------------------------------------------------------
 
