@@ -223,12 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from outcomewatch import lograte
     from outcomewatch.listeners import Address
     from outcomewatch.server import Server, Settings
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     max_live_bytes = args.max_live_bytes or default_live_bytes()  # logged at start
+    lograte.install()  # one line per second per kind of repeated warning or error
     settings = Settings(
         rules=tuple(args.rules or ["rules"]),
         db=args.db,

@@ -47,8 +47,8 @@ Runs
 - At risk: a span whose name and service match an expectation's selector but not its other
   conditions (status, ``where``, duration) gives a RunAtRisk for each open run of that rule in
   the trace that still wants the expectation (at most MAX_AT_RISK per run); a trace holds up to
-  MAX_NEAR such near misses until its first run opens, so one exported before its trigger
-  counts too. The run still waits: only ``forbid`` fails it at once.
+  MAX_NEAR such near misses with status error until its first run opens, so a failed attempt
+  exported before its trigger counts too. The run still waits: only ``forbid`` fails it at once.
 - Verdicts are final. After a failure, the run's unmet expectations are remembered (the 10,000
   most recent failed runs, for 24h of clock time) by its trace (and correlate values): a
   matching span arriving later gives one LateOutcome per (run, expectation), nothing else.
@@ -114,6 +114,7 @@ from outcomewatch.model import (
     RunOpened,
     RunPassed,
     Span,
+    SpanStatus,
     search_keys,
 )
 from outcomewatch.otlp import SpanBatch
@@ -325,7 +326,9 @@ class Engine:
                 run.at_risk += 1
                 events.append(RunAtRisk(run.run_id, run.rule.name, run.trace_id, span.name,
                                         message, now))
-        if not live.had_run:  # its trigger may still come (exported after its children)
+        if not live.had_run and span.status is SpanStatus.ERROR:
+            # Its trigger may still come (exported after its children). Only errors are held:
+            # a healthy-looking near miss of one rule is often another rule's outcome.
             self._bytes += live.keep_near(expect, span.name, message)
 
     def _forbidden(

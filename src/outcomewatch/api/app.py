@@ -3,13 +3,15 @@ Reader (and its duckdb connection), the incident actions and the metrics, and pa
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request, status
+from fastapi import Depends, FastAPI, HTTPException, Request, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from outcomewatch import __version__
 from outcomewatch.api import console
@@ -69,15 +71,100 @@ async def _store_failed(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+MAX_BODY_BYTES = 64 * 1024  # the API's bodies are a comment and an actor
+MAX_ERRORS = 20  # validation errors listed in a 422
+MAX_EXCERPT = 80  # characters of the offending input echoed in each
+
+
 async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
-    """FastAPI's 422 body, but safe to encode: the errors echo the input, and a JSON body may
-    hold a lone surrogate (``"\\ud800"`` is valid JSON) that UTF-8 cannot encode, which made the
-    default handler fail with a 500 while rendering the 422."""
+    """FastAPI's 422 body, but bounded and safe to encode: each error echoes at most a short
+    excerpt of its input (never the whole body), at most MAX_ERRORS errors are listed, and a
+    lone surrogate (``"\\ud800"`` is valid JSON) that UTF-8 cannot encode is escaped, which made
+    the default handler fail with a 500 while rendering the 422."""
     assert isinstance(exc, RequestValidationError)
+    errors = [dict(error) for error in exc.errors()[:MAX_ERRORS]]
+    for error in errors:
+        if "input" in error:
+            error["input"] = _excerpt(error["input"])
+        if len(repr(error.get("ctx", ""))) > MAX_EXCERPT:
+            del error["ctx"]  # it may quote the input too
     return JSONResponse(
-        {"detail": _encodable(jsonable_encoder(exc.errors()))},
+        {"detail": _encodable(jsonable_encoder(errors))},
         status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
     )
+
+
+def _excerpt(value: Any) -> Any:
+    """``value`` itself when short, else the start of its JSON text, ending in "…"."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, str):
+        text = value
+    else:
+        try:
+            text = json.dumps(value, default=repr, ensure_ascii=False)
+        except (TypeError, ValueError):  # a value json cannot walk (too deep, say)
+            text = repr(value)
+        if len(text) <= MAX_EXCERPT:
+            return value
+    return text if len(text) <= MAX_EXCERPT else text[:MAX_EXCERPT] + "…"
+
+
+class BodyTooLarge(HTTPException):
+    """A request body over the limit: 413, and the connection is closed rather than drained.
+    An HTTPException, so that FastAPI's body parsing passes it on instead of answering 400."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(status.HTTP_413_CONTENT_TOO_LARGE,
+                         f"request body is over the limit of {limit} bytes",
+                         headers={"Connection": "close"})
+
+
+class BodyLimit:
+    """ASGI middleware: a request whose body is over ``limit`` bytes is answered 413 without
+    reading past the limit (at once when Content-Length says so, else when the bytes received
+    pass it)."""
+
+    def __init__(self, app: ASGIApp, *, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await _too_large(self.limit)(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise BodyTooLarge(self.limit)
+            return message
+
+        async def watched_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, watched_send)
+        except BodyTooLarge:
+            # Raised where no exception handler sees it (outside a route's body parsing).
+            if not started:
+                await _too_large(self.limit)(scope, receive, send)
+
+
+def _too_large(limit: int) -> JSONResponse:
+    exc = BodyTooLarge(limit)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
 def _encodable(value: Any) -> Any:
@@ -108,12 +195,14 @@ def create_app(
     read_token: str | None = None,
     metrics: Callable[[], bytes] | None = None,
     backtest: Backtest | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> FastAPI:
     """An app serving ``reader``; ``ready`` is polled by /healthz and /readyz on every request.
 
     Without ``actions`` the incident actions answer 503 (a read-only deployment); without
     ``metrics`` GET /metrics answers 404. ``api_token`` guards writes, ``read_token`` reads
     (see api/auth.py). An empty token is refused (ValueError): it would match no request.
+    A request body over ``max_body_bytes`` is answered 413 (see BodyLimit).
     """
     if api_token == "" or read_token == "":
         raise ValueError("api_token and read_token must be None or non-empty")
@@ -130,6 +219,7 @@ def create_app(
     app.add_exception_handler(InvalidCursor, _invalid_cursor)
     app.add_exception_handler(StoreError, _store_failed)
     app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
     app.include_router(health.router)
     reads = [Depends(require_read)]
     app.include_router(v1.router, prefix="/api/v1", dependencies=reads,

@@ -22,15 +22,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import duckdb
 import pyarrow as pa
 
 from outcomewatch.errors import Overloaded, StoreError
 from outcomewatch.otlp import SpanBatch
-from outcomewatch.store import incidents, verdicts
-from outcomewatch.store.schema import DDL, migrate, reindex_tail
+from outcomewatch.store import incidents, traces, verdicts
+from outcomewatch.store.database import STORE_LEVEL_ERRORS, Checkpoints, Database, first_line
 from outcomewatch.store.server_reads import ServerReads
 from outcomewatch.store.verdicts import VerdictBatch
 
@@ -47,12 +47,9 @@ _SPAN_SCHEMA = pa.schema([
 _RESOURCE_SCHEMA = pa.schema([("id", pa.int64()), ("resource", pa.binary())])
 
 
-_TRACE_INDEX_SCHEMA = pa.schema([("trace_id", pa.string()), ("first_received_ns", pa.int64()),
-                                 ("last_received_ns", pa.int64())])
-_INDEX_EVERY_S = 0.5  # how often the trace index is written (see store/traces.py)
 
 _MAX_GROUP = 256  # jobs per transaction; bounds the latency one commit adds
-_CHECKPOINT_EVERY_S = 30.0
+_REOPEN_EVERY_S = 1.0  # how often an idle writer tries to re-open an invalidated database
 _MAX_KNOWN_RESOURCES = 10_000
 
 
@@ -74,6 +71,9 @@ def _no_op(_: object) -> None:
     return None
 
 
+_IDLE = _Job()  # the writer woke up without work: time to checkpoint or to re-open
+
+
 class Store(ServerReads):
     """Owns the database file: schema, the writer thread, and the connection readers cursor from.
     The reads the server itself needs (recovery, evidence, the outbox) are in ServerReads."""
@@ -81,23 +81,13 @@ class Store(ServerReads):
     def __init__(
         self, path: str, *, max_queue: int = 1024,
         on_commit: Callable[[float], None] | None = None,
+        checkpoints: Checkpoints | None = None,
     ) -> None:
-        try:
-            self.conn = duckdb.connect(path)
-            # Checkpoint on our own schedule: the automatic one every 16 MB of WAL stalls inserts.
-            self.conn.execute("SET checkpoint_threshold = '1GB'")
-            self.conn.execute("SET TimeZone = 'UTC'")
-            self.conn.execute(DDL)
-            migrate(self.conn)
-            reindex_tail(self.conn)
-            # Checkpointed just below: a copy of the file alone then says a server had it open.
-            self.conn.execute("DELETE FROM server_state")
-            self.conn.execute("INSERT INTO server_state VALUES (true)")
-            # DuckDB replays its WAL at open but does not checkpoint it: with frequent restarts
-            # the WAL would only grow, and every start would replay more of it.
-            self.conn.execute("CHECKPOINT")
-        except duckdb.Error as exc:
-            raise StoreError(f"cannot open database {path}: {exc}") from exc
+        self._db = Database(path, checkpoints=checkpoints)
+        # Readers (the API's Reader, ServerReads) only take cursors: the Database forwards them
+        # to whichever connection is current, so they survive a re-open. Typed as a connection
+        # so that they need no change.
+        self.conn = cast(duckdb.DuckDBPyConnection, self._db)
         self._max_queue = max_queue
         # Called on the writer thread once a batch with incident transitions is committed
         # (their outbox rows are then readable): the server wakes its notifier.
@@ -108,13 +98,17 @@ class Store(ServerReads):
         self._pending_lock = threading.Lock()
         self._on_commit = on_commit or (lambda seconds: None)
         self._known_resources: set[int] = set()
-        self._unindexed: dict[str, list[int]] = {}  # trace id -> [first, last] received_ns
-        self._indexed_at = time.monotonic()
+        self._index = traces.PendingIndex()
         self._queue: queue.Queue[_Job | None] = queue.Queue()
-        self._writer = self.conn.cursor()
+        self.healthy = True  # False from a failed write (or an invalidated file) to a good one
+        self._checkpoint_problem: str | None = None  # why the last checkpoint was not done
         self._thread = threading.Thread(target=self._run, name="duckdb-writer", daemon=True)
         self._thread.start()
-        self.healthy = True
+
+    @property
+    def _writer(self) -> duckdb.DuckDBPyConnection:
+        """The writer thread's cursor (a new one after a re-open)."""
+        return self._db.writer
 
     # -- submitting work ------------------------------------------------------------------
 
@@ -190,34 +184,65 @@ class Store(ServerReads):
     def close(self) -> None:
         """Finish queued work, checkpoint, and close the file.
 
-        A reader thread may still be finishing a query (a cancelled task does not stop the
-        thread it awaited), and DuckDB refuses to close a busy connection: retry briefly."""
+        Raises StoreError, after closing, when the stop is unclean: the final checkpoint failed
+        or could not be attempted because the database is failing (nothing acknowledged is
+        lost: the write-ahead log holds it and the next start replays it). A checkpoint only
+        postponed for lack of disk space is logged, not raised."""
         self._queue.put(None)
         self._thread.join()
         self._index_now()
         with contextlib.suppress(duckdb.Error):
             self._writer.execute("UPDATE server_state SET running = false")
-        self._checkpoint()
-        self._writer.close()
-        for _ in range(100):
-            try:
-                self.conn.close()
-                return
-            except duckdb.Error:
-                time.sleep(0.05)
-        self.conn.close()
+        problem = self._final_checkpoint()
+        self._db.close()
+        if problem is not None:
+            raise StoreError(
+                f"{self._db.path} closed uncleanly: {problem}; the next start replays its "
+                "write-ahead log")
+
+    def _final_checkpoint(self) -> str | None:
+        """Checkpoint before closing; None when done (or only postponed), else why not."""
+        if self._db.invalidated is not None and not self._db.reopen():
+            return f"the database is unusable ({self._db.invalidated})"
+        if not self.healthy and not self._writes_again():
+            return "writes were failing, so no final checkpoint was attempted"
+        if (room := self._db.room_for_checkpoint()) is not None:
+            log.warning("closing without a final checkpoint: %s; the next start replays the "
+                        "write-ahead log", room)
+            return None
+        return self._checkpoint()
+
+    def _writes_again(self) -> bool:
+        """One trivial write (the disk may have recovered since the last failure)."""
+        try:
+            self._apply([_Job(work=lambda db: db.execute(
+                "UPDATE schema_version SET version = version"))])
+        except Exception:
+            return False
+        return True
 
     # -- the writer thread ----------------------------------------------------------------
 
     def _run(self) -> None:
+        checkpoints = self._db.checkpoints
         last_checkpoint = time.monotonic()
         while True:
-            job = self._queue.get()
+            wait: float | None = None  # failing writes: no checkpoint is due, wait for work
+            if self._db.invalidated is not None:
+                wait = _REOPEN_EVERY_S
+            elif self.healthy:
+                wait = max(0.0, last_checkpoint + checkpoints.interval_s - time.monotonic())
+                if self._index:  # the trace index of the last spans, once quiet
+                    wait = min(wait, traces.INDEX_EVERY_S)
+            try:
+                job = self._queue.get(timeout=wait)
+            except queue.Empty:
+                job = _IDLE
             if job is None:
                 return
-            jobs = [job]
             stop = False
-            while len(jobs) < _MAX_GROUP:
+            jobs = [] if job is _IDLE else [job]
+            while jobs and len(jobs) < _MAX_GROUP:
                 try:
                     more = self._queue.get_nowait()
                 except queue.Empty:
@@ -226,53 +251,88 @@ class Store(ServerReads):
                     stop = True
                     break
                 jobs.append(more)
-            self._commit_group(jobs)
-            settled = sum(len(j.verdicts) for j in jobs if j.verdicts is not None)
-            if settled:
-                with self._pending_lock:
-                    self._pending_verdicts -= settled
+            if jobs:
+                self._commit_group(jobs)
+                settled = sum(len(j.verdicts) for j in jobs if j.verdicts is not None)
+                if settled:
+                    with self._pending_lock:
+                        self._pending_verdicts -= settled
+            elif self._db.invalidated is not None:
+                self._reopen()  # idle: recover without waiting for traffic
             if stop:
                 return
-            if (self._unindexed and self._queue.empty()
-                    and time.monotonic() - self._indexed_at > _INDEX_EVERY_S):
+            if self._index.due() and self._queue.empty() and self.healthy:
                 self._index_now()  # quiet now: the last spans' windows need no more company
-            if self._queue.empty() and time.monotonic() - last_checkpoint > _CHECKPOINT_EVERY_S:
-                # Only when idle: a checkpoint holds the writer, so it waits for a quiet moment.
+            if (self._queue.empty() and self.healthy
+                    and time.monotonic() - last_checkpoint >= checkpoints.interval_s):
+                # Only when idle (a checkpoint holds the writer) and while writes succeed: a
+                # checkpoint on a failing disk is what makes DuckDB invalidate the database.
                 self._checkpoint()
                 last_checkpoint = time.monotonic()
 
     def _index_now(self) -> None:
         """Write the remembered trace windows in a transaction of their own."""
-        if not self._unindexed:
+        if not self._index:
             return
         try:
             self._writer.begin()
-            self._write_index()
+            self._index.write(self._writer)
             self._writer.commit()
         except duckdb.Error as exc:  # a start re-indexes the tail: nothing is lost
             with contextlib.suppress(duckdb.Error):
                 self._writer.rollback()
-            log.warning("writing the trace index failed: %s", exc)
+            log.warning("writing the trace index failed: %s", first_line(exc))
+    def _checkpoint(self) -> str | None:
+        """Checkpoint now; None once done, else why not (logged once per kind of reason)."""
+        problem = self._db.checkpoint()
+        if problem is None:
+            self._checkpoint_problem = None
+            return None
+        if self._db.invalidated is not None:
+            self.healthy = False
+            log.error("database %s invalidated by a failed checkpoint (%s); re-opening it "
+                      "once the disk has room", self._db.path, self._db.invalidated)
+        elif self._checkpoint_problem is None:  # said once, until a checkpoint succeeds
+            log.warning("checkpoint postponed: %s", problem)
+        self._checkpoint_problem = problem
+        return problem
 
-    def _checkpoint(self) -> None:
-        try:
-            self._writer.execute("CHECKPOINT")
-        except duckdb.Error as exc:
-            log.warning("checkpoint failed: %s", exc)
+    def _reopen(self) -> bool:
+        """Re-open an invalidated database (DuckDB replays its WAL); True once usable."""
+        reason = self._db.invalidated
+        if not self._db.reopen():
+            return False
+        self._known_resources.clear()  # lost with the transaction that was rolled back
+        log.warning("database %s re-opened after it was invalidated (%s)", self._db.path, reason)
+        return True
 
     def _commit_group(self, jobs: list[_Job]) -> None:
+        if self._db.invalidated is not None and not self._reopen():
+            self.healthy = False
+            self._fail(jobs, f"database is unusable until it can be re-opened: "
+                             f"{self._db.invalidated}")
+            return
         try:
             results = self._apply(jobs)
-        except Exception:
+        except Exception as exc:
             self._known_resources.clear()  # the rolled-back transaction may have added some
+            if isinstance(exc, STORE_LEVEL_ERRORS):
+                # The file or the disk failed, not a job: every job would fail the same way.
+                self._store_failed(exc)
+                self._fail(jobs, f"database write failed: {first_line(exc)}")
+                return
             # One bad job must not fail the others: retry each in a transaction of its own.
-            log.warning("group commit of %d jobs failed; retrying one by one", len(jobs))
+            log.warning("group commit of %d jobs failed (%s); retrying one by one",
+                        len(jobs), first_line(exc))
             for job in jobs:
                 try:
                     (result,) = self._apply([job])
-                except Exception as exc:
-                    self.healthy = False
-                    (job.done or _no_op)(StoreError(f"database write failed: {exc}"))
+                except Exception as job_exc:
+                    self._known_resources.clear()
+                    if isinstance(job_exc, STORE_LEVEL_ERRORS):
+                        self._store_failed(job_exc)
+                    (job.done or _no_op)(
+                        StoreError(f"database write failed: {first_line(job_exc)}"))
                 else:
                     self.healthy = True
                     (job.done or _no_op)(result)
@@ -280,6 +340,17 @@ class Store(ServerReads):
         self.healthy = True
         for job, result in zip(jobs, results, strict=True):
             (job.done or _no_op)(result)
+
+    def _store_failed(self, exc: Exception) -> None:
+        self.healthy = False
+        if isinstance(exc, duckdb.FatalException):
+            self._db.invalidated = first_line(exc)
+        log.error("database write failed: %s", first_line(exc))
+
+    @staticmethod
+    def _fail(jobs: list[_Job], message: str) -> None:
+        for job in jobs:
+            (job.done or _no_op)(StoreError(message))
 
     def _apply(self, jobs: list[_Job]) -> list[object]:
         db = self._writer
@@ -323,41 +394,6 @@ class Store(ServerReads):
             i = j
         return results
 
-    def _to_index(self, batch: SpanBatch) -> None:
-        """Remember the batch's traces for the next index write (a few dict lookups per trace:
-        the spans of one trace sit together in a request)."""
-        windows = self._unindexed
-        received = batch.received_ns
-        last = None
-        for trace_id in batch.trace_id:
-            if trace_id == last:
-                continue
-            last = trace_id
-            window = windows.get(trace_id)
-            if window is None:
-                windows[trace_id] = [received, received]
-            elif received > window[1]:
-                window[1] = received
-            elif received < window[0]:
-                window[0] = received
-
-    def _write_index(self) -> None:
-        """Append the remembered windows to trace_index, in the current transaction. Written
-        with spans already committed before: if this transaction rolls back, a start re-indexes
-        the tail (schema.reindex_tail)."""
-        self._indexed_at = time.monotonic()
-        if not self._unindexed:
-            return
-        windows, self._unindexed = self._unindexed, {}
-        table = pa.Table.from_arrays(
-            [list(windows), [w[0] for w in windows.values()], [w[1] for w in windows.values()]],
-            schema=_TRACE_INDEX_SCHEMA)
-        self._writer.register("incoming_index", table)
-        try:
-            self._writer.execute("INSERT INTO trace_index SELECT * FROM incoming_index")
-        finally:
-            self._writer.unregister("incoming_index")
-
     def _insert_spans(self, batches: list[SpanBatch]) -> None:
         def column(name: str) -> list[Any]:
             return [v for b in batches for v in getattr(b, name)]
@@ -394,9 +430,9 @@ class Store(ServerReads):
         finally:
             self._writer.unregister("incoming_spans")
         for batch in batches:
-            self._to_index(batch)
-        if time.monotonic() - self._indexed_at > _INDEX_EVERY_S:
-            self._write_index()
+            self._index.add(batch)
+        if self._index.due():
+            self._index.write(self._writer)
         # Marked known before the commit: if the transaction rolls back, _commit_group clears
         # the whole set, so a resource row is never assumed that was not stored.
         if len(self._known_resources) > _MAX_KNOWN_RESOURCES:

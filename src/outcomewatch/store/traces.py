@@ -10,11 +10,64 @@ of spans.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import duckdb
+import pyarrow as pa
+
+from outcomewatch.otlp import SpanBatch
 
 _MAX_NS = 2**63 - 1
+INDEX_EVERY_S = 0.5  # how often the writer appends to trace_index
+_INDEX_SCHEMA = pa.schema([("trace_id", pa.string()), ("first_received_ns", pa.int64()),
+                           ("last_received_ns", pa.int64())])
+
+
+class PendingIndex:
+    """The writer's trace windows not yet in trace_index: ``add`` each committed batch (a few
+    dict lookups per trace: the spans of one trace sit together in a request), ``write`` them
+    in the current transaction when ``due``. Spans committed before their index rows are found
+    by the tail scan; if a write rolls back, a start re-indexes the tail (schema.reindex_tail)."""
+
+    def __init__(self) -> None:
+        self._windows: dict[str, list[int]] = {}  # trace id -> [first, last] received_ns
+        self._written_at = time.monotonic()
+
+    def __bool__(self) -> bool:
+        return bool(self._windows)
+
+    def add(self, batch: SpanBatch) -> None:
+        windows, received, last = self._windows, batch.received_ns, None
+        for trace_id in batch.trace_id:
+            if trace_id == last:
+                continue
+            last = trace_id
+            window = windows.get(trace_id)
+            if window is None:
+                windows[trace_id] = [received, received]
+            elif received > window[1]:
+                window[1] = received
+            elif received < window[0]:
+                window[0] = received
+
+    def due(self) -> bool:
+        """Windows are waiting, the oldest for longer than INDEX_EVERY_S."""
+        return bool(self._windows) and time.monotonic() - self._written_at > INDEX_EVERY_S
+
+    def write(self, cur: duckdb.DuckDBPyConnection) -> None:
+        self._written_at = time.monotonic()
+        if not self._windows:
+            return
+        windows, self._windows = self._windows, {}
+        table = pa.Table.from_arrays(
+            [list(windows), [w[0] for w in windows.values()], [w[1] for w in windows.values()]],
+            schema=_INDEX_SCHEMA)
+        cur.register("incoming_index", table)
+        try:
+            cur.execute("INSERT INTO trace_index SELECT * FROM incoming_index")
+        finally:
+            cur.unregister("incoming_index")
 # The tail is read from a little before the newest indexed span: exports committed in one
 # transaction were received in an order a few milliseconds apart.
 _TAIL_MARGIN_NS = 1_000_000_000
