@@ -20,6 +20,7 @@ ALLOWED = {
     "config": LEAVES | {"rules"},
     "api": LEAVES | {"store", "rules"},
     "offline": LEAVES | {"analyzer", "rules", "store"},
+    "pipeline": LEAVES | {"analyzer", "rules", "store", "config"},
 }
 
 
