@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -186,3 +187,28 @@ def test_a_failure_found_open_again_is_not_counted_twice(store: Store) -> None:
         "SELECT count(*), max(i.failure_count) FROM incident_failures f JOIN incidents i "
         "ON i.id = f.incident_id WHERE f.rule = ?", [rule]).fetchall()
     assert rows == [(1, 1)]
+
+
+def test_a_verdict_backlog_over_its_bound_refuses_new_spans(tmp_path: Path) -> None:
+    """Verdicts are never refused, but while too many wait to be written new exports are
+    (Overloaded: UNAVAILABLE / 503 with Retry-After), until the writer catches up."""
+    from outcomewatch.clock import ManualClock
+    from outcomewatch.errors import Overloaded
+    from outcomewatch.otlp import SpanBatch
+    from tests.test_server_ordering import spans
+
+    store = Store(str(tmp_path / "ow.duckdb"), max_queue=10)  # verdicts bound: 4096
+    release = threading.Event()
+    try:
+        store.submit(lambda db: release.wait(30))  # holds the writer
+        opened = [RunOpened(f"run-{i}", "r", f"{i:032x}", "", T0, None) for i in range(5000)]
+        store.write_verdicts(VerdictBatch(list(opened)))
+        batch: SpanBatch = spans(ManualClock(T0), (1, 1, "order.placed"))
+        with pytest.raises(Overloaded, match="verdict backlog"):
+            asyncio.run(store.append_spans(batch))
+        release.set()
+        asyncio.run(store.run(lambda db: None))  # the backlog is written
+        asyncio.run(store.append_spans(batch))
+    finally:
+        release.set()
+        store.close()
