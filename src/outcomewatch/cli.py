@@ -7,6 +7,9 @@
     outcomewatch test FILE...
     outcomewatch replay --rules PATH [--rules PATH ...] [--db FILE] [--since DURATION]
                         [--trace-idle DURATION] [--format text|json]
+    outcomewatch suggest (--db FILE | --api URL) [--since DURATION] [--trigger GLOB]
+                         [--min-traces N] [--format text|yaml|json]
+    outcomewatch --version
 """
 
 from __future__ import annotations
@@ -19,9 +22,14 @@ import os
 import sys
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
+from outcomewatch import __version__
 from outcomewatch.durations import parse_duration
 from outcomewatch.errors import DurationError, RuleError, StoreError
+
+if TYPE_CHECKING:
+    from outcomewatch.offline import ReplayReport
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -61,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="outcomewatch", description="Did the customer-visible outcome actually happen?"
     )
+    parser.add_argument("--version", action="version", version=f"outcomewatch {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="receive OTLP spans and evaluate outcome rules")
@@ -141,6 +150,30 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--trace-idle", type=_duration_arg, default=timedelta(seconds=10),
                         metavar="DURATION", help="as for serve (default 10s)")
     replay.add_argument("--format", choices=["text", "json"], default="text")
+
+    suggest = commands.add_parser(
+        "suggest", help="propose outcome rules from stored traces, each with its backtest")
+    source = suggest.add_mutually_exclusive_group(required=True)
+    source.add_argument("--db", metavar="FILE", help="DuckDB file, opened read-only")
+    source.add_argument("--api", metavar="URL",
+                        help="a running server's API (GET /api/v1/suggestions), like "
+                             "http://127.0.0.1:8080")
+    suggest.add_argument("--since", type=_duration_arg, default=timedelta(days=7),
+                         metavar="DURATION", help="spans received this long ago or later "
+                                                  "(default 7d)")
+    suggest.add_argument("--trigger", default="*", metavar="GLOB",
+                         help="only workflow starts whose span name matches (default *)")
+    suggest.add_argument("--min-traces", type=_positive_int_arg, default=20, metavar="N",
+                         help="only workflow starts seen in at least N traces (default 20)")
+    suggest.add_argument("--format", choices=["text", "yaml", "json"], default="text",
+                         help="yaml: a rule file `outcomewatch check` accepts (default text)")
+    suggest.add_argument("--trace-idle", type=_duration_arg, default=timedelta(seconds=10),
+                         metavar="DURATION", help="for the backtest, as for serve (default 10s)")
+    suggest.add_argument("--api-token", metavar="TOKEN",
+                         default=os.environ.get("OUTCOMEWATCH_API_READ_TOKEN")
+                         or os.environ.get("OUTCOMEWATCH_API_TOKEN"),
+                         help="bearer token for --api (env OUTCOMEWATCH_API_READ_TOKEN or "
+                              "OUTCOMEWATCH_API_TOKEN)")
     return parser
 
 
@@ -248,6 +281,43 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _suggest(args: argparse.Namespace) -> int:
+    import time
+
+    from outcomewatch.offline.suggest import render
+
+    if args.api is not None:
+        from outcomewatch.offline.suggest_client import SuggestClientError, fetch_suggestions
+
+        try:
+            report = fetch_suggestions(
+                args.api, since=args.since, trigger=args.trigger, min_traces=args.min_traces,
+                token=args.api_token)
+        except SuggestClientError as exc:
+            print(f"outcomewatch: {exc}", file=sys.stderr)
+            return 1
+        print(render(report, args.format))
+        return 0
+
+    from outcomewatch.offline import replay
+    from outcomewatch.offline.suggest import suggest_file
+    from outcomewatch.rules import RuleSet
+
+    since_ns = time.time_ns() - int(args.since.total_seconds() * 1e9)
+
+    def backtest(rules: RuleSet) -> ReplayReport:
+        return replay(rules, args.db, since_ns=since_ns, idle=args.trace_idle)
+
+    try:
+        report = suggest_file(args.db, since_ns=since_ns, trigger=args.trigger,
+                              min_traces=args.min_traces, backtest=backtest)
+    except StoreError as exc:
+        print(f"outcomewatch: {exc}", file=sys.stderr)
+        return 1
+    print(render(report, args.format))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
@@ -258,6 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _test(args)
     if args.command == "replay":
         return _replay(args)
+    if args.command == "suggest":
+        return _suggest(args)
     return _check(args)
 
 

@@ -18,7 +18,9 @@ from outcomewatch.api.routes import actions as actions_routes
 from outcomewatch.api.routes import health, v1
 from outcomewatch.api.routes import metrics as metrics_routes
 from outcomewatch.api.routes import rules as rules_routes
+from outcomewatch.api.routes import suggest as suggest_routes
 from outcomewatch.api.routes.rules import RulesAdmin
+from outcomewatch.api.routes.suggest import Suggester
 from outcomewatch.api.schemas import ErrorOut
 from outcomewatch.errors import StoreError
 from outcomewatch.store.queries import InvalidCursor, Reader
@@ -103,11 +105,13 @@ def create_app(
     api_token: str | None = None,
     read_token: str | None = None,
     metrics: Callable[[], bytes] | None = None,
+    suggest: Suggester | None = None,
 ) -> FastAPI:
     """An app serving ``reader``; ``ready`` is polled by /healthz and /readyz on every request.
 
     Without ``actions`` the incident actions answer 503 (a read-only deployment); without
-    ``metrics`` GET /metrics answers 404. ``api_token`` guards writes, ``read_token`` reads
+    ``metrics`` GET /metrics answers 404; without ``suggest`` GET /api/v1/suggestions answers
+    503. ``api_token`` guards writes, ``read_token`` reads
     (see api/auth.py). An empty token is refused (ValueError): it would match no request.
     """
     if api_token == "" or read_token == "":
@@ -118,6 +122,7 @@ def create_app(
     app.state.actions = actions
     app.state.rules_admin = rules
     app.state.metrics = metrics
+    app.state.suggest = suggest
     app.state.tokens = Tokens(api=api_token, read=read_token)
     app.add_exception_handler(InvalidCursor, _invalid_cursor)
     app.add_exception_handler(StoreError, _store_failed)
@@ -130,6 +135,8 @@ def create_app(
                        dependencies=[Depends(require_write)], responses=AUTH_RESPONSES)
     app.include_router(metrics_routes.router, dependencies=reads, responses=AUTH_RESPONSES)
     app.include_router(rules_routes.read_router, prefix="/api/v1", dependencies=reads,
+                       responses=AUTH_RESPONSES)
+    app.include_router(suggest_routes.router, prefix="/api/v1", dependencies=reads,
                        responses=AUTH_RESPONSES)
     app.include_router(rules_routes.write_router, prefix="/api/v1",
                        dependencies=[Depends(require_write)], responses=AUTH_RESPONSES)
