@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from outcomewatch.errors import DurationError, RuleError, StoreError
 
 if TYPE_CHECKING:
     from outcomewatch.offline import ReplayReport
+    from outcomewatch.server import Server
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -207,17 +209,64 @@ def _serve(args: argparse.Namespace) -> int:
         print("outcomewatch: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
     try:
+        _probe_listeners(args)
         server = Server(settings)
-        asyncio.run(server.run_until_signalled())
+        asyncio.run(_run_server(server))
     except RuleError as exc:
         print(exc, file=sys.stderr)
         print(f"outcomewatch: {len(exc.problems)} error(s) in rule or config files",
               file=sys.stderr)
         return 2
-    except (StoreError, OSError, ValueError) as exc:  # ValueError: e.g. a token no client can send
+    except OSError as exc:
+        print(f"outcomewatch: {_listener_error(args, exc)}", file=sys.stderr)
+        return 1
+    except (StoreError, ValueError) as exc:  # ValueError: e.g. a token no client can send
         print(f"outcomewatch: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+async def _run_server(server: Server) -> None:
+    """Run until signalled; a start that fails half-way (a port in use) first stops what did
+    start, inside the loop: a gRPC server left running would be collected after the loop
+    closed and print "Event loop is closed" and "coroutine was never awaited" tracebacks."""
+    try:
+        await server.run_until_signalled()
+    except BaseException:
+        with contextlib.suppress(Exception):  # the start's own error is the one to report
+            await server.stop()
+        raise
+
+
+_LISTENERS = (("grpc", "OTLP/gRPC"), ("http", "OTLP/HTTP"), ("api", "API"))
+
+
+def _probe_listeners(args: argparse.Namespace) -> None:
+    """Raise BindError for a listener address already taken, before anything starts (and
+    logs that it listens): the person sees the one line that matters. A port taken after
+    this probe still fails the start, with the same line."""
+    from outcomewatch.listeners import Address, bind
+
+    for flag, _ in _LISTENERS:
+        address = Address(*getattr(args, flag))
+        if address.port != 0:
+            bind(address).close()
+
+
+def _listener_error(args: argparse.Namespace, exc: OSError) -> str:
+    """``exc`` in one line, naming the listener (flag and address) it came from, if any."""
+    from outcomewatch.listeners import Address, BindError
+
+    text = str(exc)
+    for flag, label in _LISTENERS:
+        address = str(Address(*getattr(args, flag)))
+        if isinstance(exc, BindError) and str(exc.address) != address:
+            continue
+        if isinstance(exc, BindError) or address in text:
+            reason = exc.reason if isinstance(exc, BindError) else (
+                os.strerror(exc.errno) if exc.errno else "address in use or not available")
+            return f"cannot listen on {address} for the {label} listener (--{flag}): {reason}"
+    return text
 
 
 def _check(args: argparse.Namespace) -> int:
