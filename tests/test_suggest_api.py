@@ -74,7 +74,7 @@ def api(db: Path) -> Iterator[str]:
 
     def suggester(*, since: timedelta, trigger: str, min_traces: int) -> dict[str, Any]:
         since_ns = time.time_ns() - int(since.total_seconds() * S)
-        return suggest(conn.cursor(), since_ns=since_ns, trigger=trigger, min_traces=min_traces)
+        return suggest(conn, since_ns=since_ns, trigger=trigger, min_traces=min_traces)
 
     try:
         with running_asgi(create_app(Reader(conn), suggest=suggester)) as base_url:

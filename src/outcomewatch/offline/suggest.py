@@ -178,11 +178,13 @@ def suggest(
     min_traces: int = 20, backtest: Backtest | None = None,
 ) -> dict[str, Any]:
     """The report: proposals over the spans of ``conn`` (received at or after ``since_ns``),
-    each with ``backtest`` (None when no ``backtest`` is given). Raises StoreError when the
-    spans cannot be read."""
+    each with ``backtest`` (None when no ``backtest`` is given). The query runs on a cursor of
+    its own, so ``conn`` may be a connection other threads write through. Raises StoreError
+    when the spans cannot be read."""
     bound = since_ns if since_ns is not None else -(2**63)
     try:
-        workflows = observe(conn, since_ns=bound, trigger=trigger, min_traces=min_traces)
+        with conn.cursor() as cursor:
+            workflows = observe(cursor, since_ns=bound, trigger=trigger, min_traces=min_traces)
     except duckdb.Error as exc:
         raise StoreError(f"cannot read the stored spans: {exc}") from exc
     proposals = propose(workflows)
