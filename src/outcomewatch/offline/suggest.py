@@ -7,7 +7,9 @@ of the start's traces (at most ``MAX_EXPECT``, the latest-ending first: the outc
 workflow ends with), with ``status: ok`` when the follower's spans set a status (none of its
 traces leaves it unset) and are OK in most traces; ``within`` is the followers' largest p99
 delay doubled, and at least ``MIN_MARGIN`` more (export batching delays the arrival of a span
-past its end), rounded up to a whole second, minute or hour.
+past its end), rounded up to a whole second, minute or hour. An outcome in another trace (see
+``suggest_correlate``: linked, or sharing an id attribute) adds its start to ``expect`` and a
+``correlate: {by: KEY}``.
 
 The proposals are rendered as a rule file (``rule_file``) that ``outcomewatch check`` accepts;
 the backtest loads that very file and runs the offline replay over the same database. The
@@ -21,7 +23,7 @@ import json
 import math
 import re
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ import yaml
 from outcomewatch.durations import format_duration
 from outcomewatch.errors import StoreError
 from outcomewatch.offline.replay import ReplayReport, report_json
+from outcomewatch.offline.suggest_correlate import Correlation, correlations, quantile
 from outcomewatch.offline.suggest_sql import Follower, Workflow, observe
 from outcomewatch.rules import RuleSet, load_rules
 
@@ -77,46 +80,87 @@ def _share(count: int, total: int) -> float:
     return round(count / total, 4) if total else 0.0
 
 
-def propose(workflows: list[Workflow]) -> list[dict[str, Any]]:
-    """One proposal per workflow with a frequent follower: ``rule`` (the rule as written to the
-    file) and ``observed`` (the figures it came from)."""
+def _name(workflow: Workflow, names: set[str]) -> str:
+    name = _slug(workflow.name)
+    if name in names:
+        name = f"{name}-{_slug(workflow.service)}"
+    base, suffix = name, 2
+    while name in names:
+        name, suffix = f"{base}-{suffix}", suffix + 1
+    names.add(name)
+    return name
+
+
+def _frequent(workflow: Workflow) -> list[Follower]:
+    """The followers in most of the workflow's traces, latest-ending first."""
+    frequent = [f for f in workflow.followers if f.present >= FOLLOWER_SHARE * workflow.traces]
+    return sorted(frequent, key=lambda f: (-f.p50_s, f.name, f.service))
+
+
+def propose(workflows: list[Workflow], correlated: Sequence[Correlation] = ()
+            ) -> list[dict[str, Any]]:
+    """One proposal per workflow with a frequent follower or an outcome in another trace:
+    ``rule`` (the rule as written to the file) and ``observed`` (the figures it came from)."""
     proposals: list[dict[str, Any]] = []
     names: set[str] = set()
+    elsewhere: dict[tuple[str, str], list[Correlation]] = {}
+    for correlation in correlated:
+        key = (correlation.trigger.name, correlation.trigger.service)
+        elsewhere.setdefault(key, []).append(correlation)
     for workflow in workflows:
-        frequent = [f for f in workflow.followers
-                    if f.present >= FOLLOWER_SHARE * workflow.traces]
-        if not frequent:
+        chosen = _frequent(workflow)[:MAX_EXPECT]
+        others = elsewhere.get((workflow.name, workflow.service), [])[:MAX_EXPECT]
+        if not chosen and not others:
             continue
-        chosen = sorted(frequent, key=lambda f: (-f.p50_s, f.name, f.service))[:MAX_EXPECT]
-        name = _slug(workflow.name)
-        if name in names:
-            name = f"{name}-{_slug(workflow.service)}"
-        suffix = 2
-        base = name
-        while name in names:
-            name, suffix = f"{base}-{suffix}", suffix + 1
-        names.add(name)
-        expect = []
+        expect, outcomes, p99s = [], [], [f.p99_s for f in chosen]
         for follower in chosen:
             item = _selector(follower.name, follower.service)
             if _expects_ok(follower):
                 item["status"] = "ok"
             expect.append(item)
-        within = within_for(max(f.p99_s for f in chosen))
-        rule = {
-            "name": name,
+            outcomes.append(_observed(follower, workflow.traces, _expects_ok(follower)))
+        for correlation in others:
+            item, observed, p99 = _correlated(correlation)
+            expect.append(item)
+            outcomes.append(observed)
+            p99s.append(p99)
+        rule: dict[str, Any] = {
+            "name": _name(workflow, names),
             "description": f"Proposed by outcomewatch suggest from {workflow.traces} traces.",
             "trigger": _selector(workflow.name, workflow.service),
             "expect": expect,
-            "within": format_duration(within),
+            "within": format_duration(within_for(max(p99s))),
         }
-        observed = {
-            "traces": workflow.traces,
-            "outcomes": [_observed(f, workflow.traces, _expects_ok(f)) for f in chosen],
-            "followers": len(workflow.followers),
-        }
-        proposals.append({"rule": rule, "observed": observed})
+        if others:
+            rule["correlate"] = {"by": others[0].by}
+        observed_all = {"traces": workflow.traces, "outcomes": outcomes,
+                        "followers": len(workflow.followers)}
+        proposals.append({"rule": rule, "observed": observed_all})
     return proposals
+
+
+def _correlated(correlation: Correlation) -> tuple[dict[str, Any], dict[str, Any], float]:
+    """The expect item, the observed figures and the p99 delay of an outcome in another
+    trace (figures over the sampled trigger spans)."""
+    other = correlation.other
+    status = {k: correlation.status.get(k, 0) for k in ("ok", "error", "unset")}
+    ok = status["unset"] == 0 and status["ok"] >= OK_SHARE * correlation.matched
+    item = _selector(other.name, other.service)
+    if ok:
+        item["status"] = "ok"
+    missing = correlation.sampled - correlation.matched
+    p50, p95, p99 = (quantile(correlation.delays_s, q) for q in (0.5, 0.95, 0.99))
+    observed = {
+        "span": other.name, "service": other.service, "trace": "other",
+        "correlate_by": correlation.by, "linked_share": correlation.linked_share,
+        "sampled": correlation.sampled,
+        "missing_share": _share(missing, correlation.sampled),
+        "failing_share": _share(correlation.sampled - status["ok"] if ok else missing,
+                                correlation.sampled),
+        "status": status, "delay_p50_s": round(p50, 6), "delay_p95_s": round(p95, 6),
+        "delay_p99_s": round(p99, 6),
+    }
+    return item, observed, p99
 
 
 def _observed(follower: Follower, traces: int, expects_ok: bool) -> dict[str, Any]:
@@ -139,7 +183,8 @@ def rule_file(proposals: list[dict[str, Any]]) -> str:
     for proposal in proposals:
         observed = proposal["observed"]
         lines.append(f"  # {observed['traces']} traces; " + "; ".join(
-            f"{o['span']} missing in {o['missing_share']:.1%}"
+            f"{o['span']}{' (other trace)' if o.get('trace') == 'other' else ''} "
+            f"missing in {o['missing_share']:.1%}"
             + (f", not ok in {o['failing_share']:.1%}" if o["failing_share"] != o["missing_share"]
                else "")
             + f", p95 {o['delay_p95_s']:.3f}s" for o in observed["outcomes"]))
@@ -185,9 +230,14 @@ def suggest(
     try:
         with conn.cursor() as cursor:
             workflows = observe(cursor, since_ns=bound, trigger=trigger, min_traces=min_traces)
+            # Outcomes of a matching trigger may be other starts, whatever their name.
+            starts = workflows if trigger == "*" else observe(
+                cursor, since_ns=bound, trigger="*", min_traces=min_traces)
+            found = [c for c in correlations(cursor, starts, bound)
+                     if any(c.trigger == w for w in workflows)]
     except duckdb.Error as exc:
         raise StoreError(f"cannot read the stored spans: {exc}") from exc
-    proposals = propose(workflows)
+    proposals = propose(workflows, found)
     for proposal in proposals:
         proposal["backtest"] = None
     if backtest is not None and proposals:
@@ -229,7 +279,8 @@ def _text(report: Mapping[str, Any]) -> str:
                      f"{'p50':>9} {'p95':>9}")
         for outcome in observed["outcomes"]:
             mix = "/".join(str(outcome["status"][k]) for k in ("ok", "error", "unset"))
-            lines.append(f"  {outcome['span']:<32} {outcome['missing_share']:>8.1%} "
+            span = outcome["span"] + (" (other trace)" if outcome.get("trace") == "other" else "")
+            lines.append(f"  {span:<32} {outcome['missing_share']:>8.1%} "
                          f"{outcome['failing_share']:>8.1%} {mix:>16} "
                          f"{outcome['delay_p50_s']:>8.3f}s {outcome['delay_p95_s']:>8.3f}s")
         backtest = proposal["backtest"]
