@@ -106,3 +106,14 @@ def test_suggest_proposes_both_workflows_and_its_backtest_matches_the_server(
 
 def _within(proposal: dict[str, Any]) -> timedelta:
     return parse_duration(proposal["rule"]["within"])
+
+
+def test_suggest_on_a_file_a_running_server_holds_says_to_ask_the_server(
+    tmp_path: Path,
+) -> None:
+    with running_server(tmp_path):
+        done = outcomewatch("suggest", "--db", str(tmp_path / "outcomewatch.duckdb"))
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"outcomewatch: cannot open database {tmp_path}/outcomewatch.duckdb")
+    assert line.endswith("a running server holds it: ask the server instead (suggest --api URL)")

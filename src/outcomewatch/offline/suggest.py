@@ -255,7 +255,9 @@ def suggest_file(
     try:
         conn = duckdb.connect(db_path, read_only=True)
     except duckdb.Error as exc:
-        raise StoreError(f"cannot open database {db_path} read-only: {exc}") from exc
+        hint = ("; a running server holds it: ask the server instead (suggest --api URL)"
+                if "lock" in str(exc).lower() else "")
+        raise StoreError(f"cannot open database {db_path} read-only: {exc}{hint}") from exc
     try:
         report = suggest(conn, since_ns=since_ns, trigger=trigger, min_traces=min_traces)
     finally:
