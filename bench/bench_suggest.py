@@ -5,8 +5,9 @@
 Builds (or reuses, with ``--db``) a DuckDB file of ``--spans`` stored spans with the replay
 benchmark's generator (bench_replay.build: an hour of traffic, traces of 4 to 16 spans, about a
 third of them telling a workflow's story, the rest noise), then runs the suggestion query
-alone, and the whole of ``suggest`` with its backtest (the offline replay of the proposed
-rules), and prints the seconds of each, the stored spans per second and what was proposed.
+alone, the sampled decoding for ``correlate``, and the whole of ``suggest`` with its backtest
+(the offline replay of the proposed rules), and prints the seconds of each, the stored spans
+per second and what was proposed.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from bench_replay import build
 
 from outcomewatch.offline.replay import ReplayReport, replay
 from outcomewatch.offline.suggest import render, suggest_file
+from outcomewatch.offline.suggest_correlate import correlations
 from outcomewatch.offline.suggest_sql import observe
 from outcomewatch.rules import RuleSet
 
@@ -48,6 +50,9 @@ def main() -> int:
         started = time.perf_counter()
         workflows = observe(conn, since_ns=-(2**63), trigger="*", min_traces=args.min_traces)
         sql_s = time.perf_counter() - started
+        started = time.perf_counter()
+        correlated = correlations(conn, workflows, -(2**63))
+        correlate_s = time.perf_counter() - started
         conn.close()
 
         replay_s = 0.0
@@ -68,6 +73,7 @@ def main() -> int:
         print(f"workflow starts found:       {len(workflows)}")
         print(f"rules proposed:              {len(report['suggestions'])}")
         print(f"suggestion SQL:              {sql_s:.2f}s ({stored / sql_s:,.0f} spans/s)")
+        print(f"correlate (sampled decode):  {correlate_s:.2f}s, {len(correlated)} found")
         print(f"suggest with backtest:       {total_s:.2f}s "
               f"(of which the backtest replay {replay_s:.2f}s)")
     finally:

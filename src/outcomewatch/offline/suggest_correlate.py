@@ -33,10 +33,15 @@ from outcomewatch.offline.suggest_sql import CONSUMER_KIND, SERVER_KIND, Workflo
 
 SAMPLE = 500
 SHARE = 0.5
+# One scan for every workflow's sample: the newest SAMPLE start spans per (name, service).
 _SAMPLE_SQL = (
-    "SELECT trace_id, span FROM spans WHERE received_ns >= ? AND name = ? AND service = ? "
-    f"AND (parent_span_id = '' OR kind IN ({SERVER_KIND}, {CONSUMER_KIND})) "
-    "ORDER BY received_ns DESC LIMIT ?"
+    "SELECT name, service, trace_id, span FROM ("
+    " SELECT s.name, s.service, s.trace_id, s.span, row_number() OVER ("
+    "  PARTITION BY s.name, s.service ORDER BY s.received_ns DESC) AS rank"
+    " FROM spans s JOIN (SELECT unnest(?) AS name, unnest(?) AS service) w"
+    " ON s.name = w.name AND s.service = w.service"
+    " WHERE s.received_ns >= ? AND (s.parent_span_id = '' OR s.kind IN"
+    f" ({SERVER_KIND}, {CONSUMER_KIND}))) WHERE rank <= ?"
 )
 _ANCHORED_SQL = (
     "SELECT DISTINCT trace_id FROM spans WHERE received_ns >= ? AND name = ? AND service = ? "
@@ -69,11 +74,12 @@ class Correlation:
     delays_s: tuple[float, ...]  # of the matched outcomes: trigger start to outcome end
 
 
-def _sample(conn: duckdb.DuckDBPyConnection, workflow: Workflow, since_ns: int
-            ) -> list[Sampled]:
-    rows = conn.execute(_SAMPLE_SQL, [since_ns, workflow.name, workflow.service, SAMPLE])
-    found = []
-    for trace_id, raw in rows.fetchall():
+def _samples(conn: duckdb.DuckDBPyConnection, workflows: list[Workflow], since_ns: int
+             ) -> dict[tuple[str, str], list[Sampled]]:
+    rows = conn.execute(_SAMPLE_SQL, [[w.name for w in workflows],
+                                      [w.service for w in workflows], since_ns, SAMPLE])
+    found: dict[tuple[str, str], list[Sampled]] = {(w.name, w.service): [] for w in workflows}
+    for name, service, trace_id, raw in rows.fetchall():
         span = PbSpan.FromString(bytes(raw))
         values: dict[str, str | int] = {}
         for attribute in span.attributes:
@@ -82,9 +88,9 @@ def _sample(conn: duckdb.DuckDBPyConnection, workflow: Workflow, since_ns: int
                 values[attribute.key] = attribute.value.string_value
             elif kind == "int_value":
                 values[attribute.key] = attribute.value.int_value
-        found.append(Sampled(str(trace_id), span.start_time_unix_nano, span.end_time_unix_nano,
-                             span.status.code, values,
-                             tuple(link.trace_id.hex() for link in span.links)))
+        found[(str(name), str(service))].append(Sampled(
+            str(trace_id), span.start_time_unix_nano, span.end_time_unix_nano,
+            span.status.code, values, tuple(link.trace_id.hex() for link in span.links)))
     return found
 
 
@@ -131,7 +137,9 @@ def correlations(conn: duckdb.DuckDBPyConnection, workflows: list[Workflow], sin
                  ) -> list[Correlation]:
     """For each workflow, the other workflow starts that are its outcome in another trace.
     Raises duckdb.Error when the spans cannot be read."""
-    samples = {(w.name, w.service): _sample(conn, w, since_ns) for w in workflows}
+    if not workflows:
+        return []
+    samples = _samples(conn, workflows, since_ns)
     found = []
     for trigger in workflows:
         trigger_spans = samples[(trigger.name, trigger.service)]
