@@ -451,6 +451,7 @@ def test_openapi_documents_every_route_with_a_title(conn: duckdb.DuckDBPyConnect
         "/api/v1/notifications", "/api/v1/incidents/{incident_id}/acknowledge",
         "/api/v1/incidents/{incident_id}/resolve", "/api/v1/incidents/{incident_id}/reopen",
         "/api/v1/rules", "/api/v1/rules/reload", "/api/v1/search", "/api/v1/replay",
+        "/api/v1/suggestions",
     }
     for url, path in schema["paths"].items():
         for operation in path.values():

@@ -44,7 +44,9 @@ from schemathesis.checks import (
 )
 
 from outcomewatch.api import create_app
+from outcomewatch.api.routes.suggest import Suggester
 from outcomewatch.offline.replay import backtest
+from outcomewatch.offline.suggest import suggest
 from outcomewatch.rules import RuleSet
 from outcomewatch.rules.load import load_rules
 from outcomewatch.rules.source import ReloadResult
@@ -195,6 +197,15 @@ class ExampleRules:
         return ReloadResult(len(self.rules.rules), (), self.loaded_at)
 
 
+def suggester(conn: duckdb.DuckDBPyConnection) -> Suggester:
+    """Suggestions over the fuzzed store, counted back from NOW, as the server wires them."""
+    def run(*, since: timedelta, trigger: str, min_traces: int) -> dict[str, Any]:
+        return suggest(conn, since_ns=ns(NOW - since), trigger=trigger,
+                       min_traces=min_traces)
+
+    return run
+
+
 def build_app(conn: duckdb.DuckDBPyConnection) -> FastAPI:
     async def run_backtest(rules_yaml: str, *, since: timedelta | None,
                            trace_idle: timedelta | None) -> dict[str, Any]:
@@ -206,6 +217,7 @@ def build_app(conn: duckdb.DuckDBPyConnection) -> FastAPI:
         api_token=API_TOKEN, backtest=run_backtest,
         rules=ExampleRules(load_rules([RULES_DIR]), NOW),
         metrics=lambda: b"# HELP outcomewatch_up 1 when up\noutcomewatch_up 1\n",
+        suggest=suggester(conn),
     )
 
 
@@ -230,7 +242,7 @@ def store_down_app(tmp_path: Path) -> FastAPI:
     closed = duckdb.connect(str(tmp_path / "closed.duckdb"))
     closed.close()
     return create_app(Reader(closed), ready=lambda: False, api_token=API_TOKEN,
-                      read_token="fuzz-read-token")
+                      read_token="fuzz-read-token", suggest=suggester(closed))
 
 
 @pytest.fixture(scope="module")

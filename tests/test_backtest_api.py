@@ -120,3 +120,14 @@ def test_replay_refuses_a_file_a_running_server_holds_and_a_copy_without_its_wal
     assert code == 1
     err = capsys.readouterr().err
     assert "without copy.duckdb.wal" in err and "--api" in err
+
+
+def test_the_servers_suggestions_carry_their_backtest(tmp_path: Path, rules_file: Path) -> None:
+    with running_server(tmp_path, rules=[rules_file]) as server:
+        orders(server, healthy=8, broken=2)
+        server.go_idle()
+        server.wait_for(lambda: len(server.runs(status="failed")) == 2, what="2 failures")
+        answer = server.get("/api/v1/suggestions", min_traces=5, trigger="order.placed")
+    [proposal] = answer["suggestions"]
+    assert proposal["backtest"] is not None
+    assert proposal["backtest"]["runs"] == 10

@@ -189,7 +189,8 @@ def test_a_bare_number_is_not_a_duration(tmp_path: Path) -> None:
     text = VALID.format(name="a") + "    within: 10\n"
 
     assert problems_of(tmp_path, text) == [
-        f"{tmp_path / 'rules.yaml'}:5:13: rules[0].within: expected a string, got int 10"
+        f"{tmp_path / 'rules.yaml'}:5:13: rules[0].within: "
+        "a bare number is not a duration; write 10s"
     ]
 
 

@@ -211,7 +211,7 @@ tests:
     ("rule_files: [EXAMPLES/01-payment-failed-access.yaml]\ntests:\n  - name: x\n"
      "    spans: [{name: a, start: soon}]\n",
      "tests[0].spans[0].start: invalid duration 'soon'"),
-    ("rule_files: [nowhere.yaml]\ntests: []\n", "rule_files do not load"),
+    ("rule_files: [nowhere.yaml]\ntests: []\n", "nowhere.yaml:1:1: no such file or directory"),
     ("rule_files: [EXAMPLES/01-payment-failed-access.yaml]\ntests:\n  - name: x\n"
      "    expect_runs: [{rule: r}]\n",
      "tests[0].expect_runs[0]: 'status' is required"),

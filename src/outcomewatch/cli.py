@@ -9,12 +9,16 @@
                         [--trace-idle DURATION] [--format text|json]
     outcomewatch demo [--db FILE] [--grpc HOST:PORT] [--http HOST:PORT] [--api HOST:PORT]
                       [--rules DIR] [--every DURATION]
+    outcomewatch suggest (--db FILE | --api URL) [--since DURATION] [--trigger GLOB]
+                         [--min-traces N] [--format text|yaml|json]
+    outcomewatch --version
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -23,9 +27,15 @@ import sys
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from outcomewatch import __version__
 from outcomewatch.durations import parse_duration
 from outcomewatch.errors import DurationError, RuleError, StoreError
+
+if TYPE_CHECKING:
+    from outcomewatch.offline import ReplayReport
+    from outcomewatch.server import Server
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -112,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="outcomewatch", description="Did the customer-visible outcome actually happen?"
     )
+    parser.add_argument("--version", action="version", version=f"outcomewatch {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="receive OTLP spans and evaluate outcome rules")
@@ -219,6 +230,30 @@ def build_parser() -> argparse.ArgumentParser:
                       metavar="DURATION", help="how often the stories play again (default 30s)")
     demo.add_argument("--log-level", default="warning",
                       choices=["debug", "info", "warning", "error"])
+
+    suggest = commands.add_parser(
+        "suggest", help="propose outcome rules from stored traces, each with its backtest")
+    source = suggest.add_mutually_exclusive_group(required=True)
+    source.add_argument("--db", metavar="FILE", help="DuckDB file, opened read-only")
+    source.add_argument("--api", metavar="URL",
+                        help="a running server's API (GET /api/v1/suggestions), like "
+                             "http://127.0.0.1:8080")
+    suggest.add_argument("--since", type=_duration_arg, default=timedelta(days=7),
+                         metavar="DURATION", help="spans received this long ago or later "
+                                                  "(default 7d)")
+    suggest.add_argument("--trigger", default="*", metavar="GLOB",
+                         help="only workflow starts whose span name matches (default *)")
+    suggest.add_argument("--min-traces", type=_positive_int_arg, default=20, metavar="N",
+                         help="only workflow starts seen in at least N traces (default 20)")
+    suggest.add_argument("--format", choices=["text", "yaml", "json"], default="text",
+                         help="yaml: a rule file `outcomewatch check` accepts (default text)")
+    suggest.add_argument("--trace-idle", type=_duration_arg, default=timedelta(seconds=10),
+                         metavar="DURATION", help="for the backtest, as for serve (default 10s)")
+    suggest.add_argument("--api-token", metavar="TOKEN",
+                         default=os.environ.get("OUTCOMEWATCH_API_READ_TOKEN")
+                         or os.environ.get("OUTCOMEWATCH_API_TOKEN"),
+                         help="bearer token for --api (env OUTCOMEWATCH_API_READ_TOKEN or "
+                              "OUTCOMEWATCH_API_TOKEN)")
     return parser
 
 
@@ -256,17 +291,64 @@ def _serve(args: argparse.Namespace) -> int:
         print("outcomewatch: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
     try:
+        _probe_listeners(args)
         server = Server(settings)
-        asyncio.run(server.run_until_signalled())
+        asyncio.run(_run_server(server))
     except RuleError as exc:
         print(exc, file=sys.stderr)
         print(f"outcomewatch: {len(exc.problems)} error(s) in rule or config files",
               file=sys.stderr)
         return 2
-    except (StoreError, OSError, ValueError) as exc:  # ValueError: e.g. a token no client can send
+    except OSError as exc:
+        print(f"outcomewatch: {_listener_error(args, exc)}", file=sys.stderr)
+        return 1
+    except (StoreError, ValueError) as exc:  # ValueError: e.g. a token no client can send
         print(f"outcomewatch: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+async def _run_server(server: Server) -> None:
+    """Run until signalled; a start that fails half-way (a port in use) first stops what did
+    start, inside the loop: a gRPC server left running would be collected after the loop
+    closed and print "Event loop is closed" and "coroutine was never awaited" tracebacks."""
+    try:
+        await server.run_until_signalled()
+    except BaseException:
+        with contextlib.suppress(Exception):  # the start's own error is the one to report
+            await server.stop()
+        raise
+
+
+_LISTENERS = (("grpc", "OTLP/gRPC"), ("http", "OTLP/HTTP"), ("api", "API"))
+
+
+def _probe_listeners(args: argparse.Namespace) -> None:
+    """Raise BindError for a listener address already taken, before anything starts (and
+    logs that it listens): the person sees the one line that matters. A port taken after
+    this probe still fails the start, with the same line."""
+    from outcomewatch.listeners import Address, bind
+
+    for flag, _ in _LISTENERS:
+        address = Address(*getattr(args, flag))
+        if address.port != 0:
+            bind(address).close()
+
+
+def _listener_error(args: argparse.Namespace, exc: OSError) -> str:
+    """``exc`` in one line, naming the listener (flag and address) it came from, if any."""
+    from outcomewatch.listeners import Address, BindError
+
+    text = str(exc)
+    for flag, label in _LISTENERS:
+        address = str(Address(*getattr(args, flag)))
+        if isinstance(exc, BindError) and str(exc.address) != address:
+            continue
+        if isinstance(exc, BindError) or address in text:
+            reason = exc.reason if isinstance(exc, BindError) else (
+                os.strerror(exc.errno) if exc.errno else "address in use or not available")
+            return f"cannot listen on {address} for the {label} listener (--{flag}): {reason}"
+    return text
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -401,6 +483,43 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _suggest(args: argparse.Namespace) -> int:
+    import time
+
+    from outcomewatch.offline.suggest import render
+
+    if args.api is not None:
+        from outcomewatch.offline.suggest_client import SuggestClientError, fetch_suggestions
+
+        try:
+            report = fetch_suggestions(
+                args.api, since=args.since, trigger=args.trigger, min_traces=args.min_traces,
+                token=args.api_token)
+        except SuggestClientError as exc:
+            print(f"outcomewatch: {exc}", file=sys.stderr)
+            return 1
+        print(render(report, args.format))
+        return 0
+
+    from outcomewatch.offline import replay
+    from outcomewatch.offline.suggest import suggest_file
+    from outcomewatch.rules import RuleSet
+
+    since_ns = time.time_ns() - int(args.since.total_seconds() * 1e9)
+
+    def backtest(rules: RuleSet) -> ReplayReport:
+        return replay(rules, args.db, since_ns=since_ns, idle=args.trace_idle)
+
+    try:
+        report = suggest_file(args.db, since_ns=since_ns, trigger=args.trigger,
+                              min_traces=args.min_traces, backtest=backtest)
+    except StoreError as exc:
+        print(f"outcomewatch: {exc}", file=sys.stderr)
+        return 1
+    print(render(report, args.format))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
@@ -413,6 +532,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _replay(args)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "suggest":
+        return _suggest(args)
     return _check(args)
 
 

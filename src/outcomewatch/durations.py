@@ -18,8 +18,29 @@ _PATTERN = re.compile(
 )
 
 
+def bare_number_message(value: int | float | str) -> str:
+    """What to say about a number given without a unit (read as seconds, the unit people most
+    often mean): the same amount written as a duration, ``600`` -> ``600s or 10m``."""
+    text = str(value).strip()
+    try:
+        ms = float(text) * 1000
+    except ValueError:
+        ms = 0.0
+    if ms <= 0 or not ms.is_integer() or ms > _MAX_MS:
+        return "a bare number is not a duration; write it with a unit, like 30s or 10m"
+    if ms % 1000:
+        return f"a bare number is not a duration; write {int(ms)}ms"
+    hint = f"{int(ms) // 1000}s"
+    larger = format_duration(timedelta(milliseconds=ms))
+    return f"a bare number is not a duration; write {hint}" + (
+        f" or {larger}" if larger != hint else "")
+
+
 def parse_duration(text: str) -> timedelta:
-    """Parse ``text`` into a positive timedelta; raise DurationError naming the bad input."""
+    """Parse ``text`` into a positive timedelta; raise DurationError naming the bad input (a
+    bare number is told what to write instead: ``600`` -> ``600s or 10m``)."""
+    if isinstance(text, str) and text.strip().isdigit():
+        raise DurationError(bare_number_message(text))
     match = _PATTERN.match(text.strip()) if isinstance(text, str) else None
     if not match or not any(match.groupdict().values()):
         raise DurationError(

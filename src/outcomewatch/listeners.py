@@ -172,16 +172,31 @@ class GuardedH11Protocol(H11Protocol):
                     else self.limits.body_timeout_s)
         self._timing = ""
         self.transport.close()
+class BindError(OSError):
+    """``address`` cannot be listened on; ``reason`` says why (``Address already in use``)."""
+
+    def __init__(self, address: Address, reason: str, errno: int | None = None) -> None:
+        super().__init__(errno, f"cannot listen on {address}: {reason}")
+        self.address = address
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"cannot listen on {self.address}: {self.reason}"
 
 
 def bind(address: Address) -> socket.socket:
+    """A socket bound to ``address``; raises BindError naming the address when it cannot be."""
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    # Inherited by accepted connections: a response written in two parts (head, body) must not
-    # wait for the client's delayed ACK (40 ms per request on a kept-alive connection).
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((address.host, address.port))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Inherited by accepted connections: a response written in two parts (head, body) must
+        # not wait for the client's delayed ACK (40 ms per request on a kept-alive connection).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((address.host, address.port))
+    except OSError as exc:
+        sock.close()
+        raise BindError(address, exc.strerror or str(exc), exc.errno) from exc
     sock.set_inheritable(True)
     return sock
 

@@ -28,7 +28,8 @@ from outcomewatch.config import NotifyConfig, load_config
 from outcomewatch.incidents.notify import Notifier
 from outcomewatch.listeners import Address, EmbeddedUvicorn, serve_asgi
 from outcomewatch.metrics import Metrics
-from outcomewatch.offline.replay import backtest
+from outcomewatch.offline.replay import ReplayReport, backtest, replay_on
+from outcomewatch.offline.suggest import suggest
 from outcomewatch.otlp import SpanBatch
 from outcomewatch.pipeline import Pipeline
 from outcomewatch.receiver.grpc import start_grpc_receiver
@@ -149,6 +150,7 @@ class Server:
             ready=lambda: self._ready and store.healthy, actions=self._act,
             api_token=self.settings.api_token, read_token=self.settings.api_read_token,
             metrics=self.metrics.render, rules=self, backtest=self._backtest,
+            suggest=self._suggest,
         )
         self.http_port = await self._serve_asgi(http_app, self.settings.http)
         self.api_port = await self._serve_asgi(api_app, self.settings.api)
@@ -203,6 +205,24 @@ class Server:
             return await asyncio.to_thread(
                 backtest, conn, rules_yaml, since_ns=since_ns,
                 idle=trace_idle or self.settings.trace_idle)
+
+    def _suggest(self, *, since: timedelta, trigger: str, min_traces: int) -> dict[str, Any]:
+        """GET /api/v1/suggestions (in the API's threadpool): proposals over the stored spans,
+        each backtested on a read transaction of the server's own database."""
+        assert self.store is not None
+        conn = self.store.conn
+        since_ns = to_ns(self.clock() - since)
+
+        def backtest_rules(rules: RuleSet) -> ReplayReport:
+            cursor = conn.cursor()
+            try:
+                cursor.begin()
+                return replay_on(cursor, rules, since_ns=since_ns, idle=self.settings.trace_idle)
+            finally:
+                cursor.close()
+
+        return suggest(conn, since_ns=since_ns, trigger=trigger, min_traces=min_traces,
+                       backtest=backtest_rules)
 
     def _new_engine(self, schedule_since: dict[str, datetime]) -> Engine:
         return Engine(

@@ -8,8 +8,10 @@ trigger span itself (its attributes are the retry context: the external ids to r
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
+from outcomewatch.durations import format_duration
 from outcomewatch.incident_file import exceptions, span_summary
 from outcomewatch.model import AttributeValue, RunFailed, search_keys
 from outcomewatch.rules import Rule
@@ -69,11 +71,17 @@ _WHY = {
 }
 
 
+def _written(value: timedelta | None) -> str:
+    return "?" if value is None else format_duration(value)
+
+
 def failure_summary(rule: Rule, failure: RunFailed) -> str:
     """One line for lists and notifications."""
     missing = ", ".join(failure.missing) or "the outcome"
     why = _WHY.get(failure.reason.value, failure.reason.value).format(
-        within=rule.within, max_duration=rule.max_duration, trigger=rule.trigger.span,
+        # As written in the rule file (10m), not as a timedelta prints (0:10:00).
+        within=_written(rule.within), max_duration=_written(rule.max_duration),
+        trigger=rule.trigger.span,
         offending=", ".join(s.name for s in failure.offending) or "?",
     )
     if failure.reason.value in ("missed", "max_duration", "forbidden", "count"):

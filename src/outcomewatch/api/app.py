@@ -23,8 +23,10 @@ from outcomewatch.api.routes import health, v1
 from outcomewatch.api.routes import metrics as metrics_routes
 from outcomewatch.api.routes import rules as rules_routes
 from outcomewatch.api.routes import search as search_routes
+from outcomewatch.api.routes import suggest as suggest_routes
 from outcomewatch.api.routes.backtest import Backtest
 from outcomewatch.api.routes.rules import RulesAdmin
+from outcomewatch.api.routes.suggest import Suggester
 from outcomewatch.api.schemas import ErrorOut
 from outcomewatch.errors import StoreError
 from outcomewatch.store.queries import InvalidCursor, Reader
@@ -196,11 +198,13 @@ def create_app(
     metrics: Callable[[], bytes] | None = None,
     backtest: Backtest | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
+    suggest: Suggester | None = None,
 ) -> FastAPI:
     """An app serving ``reader``; ``ready`` is polled by /healthz and /readyz on every request.
 
     Without ``actions`` the incident actions answer 503 (a read-only deployment); without
-    ``metrics`` GET /metrics answers 404. ``api_token`` guards writes, ``read_token`` reads
+    ``metrics`` GET /metrics answers 404; without ``suggest`` GET /api/v1/suggestions answers
+    503. ``api_token`` guards writes, ``read_token`` reads
     (see api/auth.py). An empty token is refused (ValueError): it would match no request.
     A request body over ``max_body_bytes`` is answered 413 (see BodyLimit).
     """
@@ -215,6 +219,7 @@ def create_app(
     app.state.rules_admin = rules
     app.state.metrics = metrics
     app.state.backtest = backtest
+    app.state.suggest = suggest
     app.state.tokens = Tokens(api=api_token, read=read_token)
     app.add_exception_handler(InvalidCursor, _invalid_cursor)
     app.add_exception_handler(StoreError, _store_failed)
@@ -230,6 +235,8 @@ def create_app(
                        dependencies=[Depends(require_write)], responses=AUTH_RESPONSES)
     app.include_router(metrics_routes.router, dependencies=reads, responses=AUTH_RESPONSES)
     app.include_router(rules_routes.read_router, prefix="/api/v1", dependencies=reads,
+                       responses=AUTH_RESPONSES)
+    app.include_router(suggest_routes.router, prefix="/api/v1", dependencies=reads,
                        responses=AUTH_RESPONSES)
     app.include_router(rules_routes.write_router, prefix="/api/v1",
                        dependencies=[Depends(require_write)], responses=AUTH_RESPONSES)

@@ -32,7 +32,6 @@ from typing import Any, TextIO
 
 import yaml
 
-from outcomewatch.errors import RuleError
 from outcomewatch.offline.drive import (
     BookIncident,
     Driver,
@@ -43,6 +42,7 @@ from outcomewatch.offline.drive import (
     ns_of,
     settle_horizon,
 )
+from outcomewatch.offline.ruletest_check import check_test_file, parse_start_at
 from outcomewatch.offline.spans import (
     Planned,
     SpecError,
@@ -53,7 +53,7 @@ from outcomewatch.offline.spans import (
     read_otlp_json,
 )
 from outcomewatch.otlp import batch_from_request
-from outcomewatch.rules import RuleSet, load_rules
+from outcomewatch.rules import RuleSet
 
 DEFAULT_START = datetime(2026, 1, 1, tzinfo=UTC)
 DEFAULT_IDLE = timedelta(seconds=10)
@@ -73,23 +73,10 @@ class CaseResult:
     name: str
     passed: bool
     report: str = ""  # the diff, or the error, of a case that did not pass
+    problems: tuple[str, ...] = ()  # file:line:col: message, for a file that does not parse
 
 
 # -- the test file ---------------------------------------------------------------------------
-
-
-def _start_at(value: Any, where: str) -> datetime:
-    if isinstance(value, datetime):
-        moment = value
-    elif isinstance(value, str):
-        try:
-            moment = datetime.fromisoformat(value.strip())
-        except ValueError:
-            raise SpecError(f"{where}: expected an ISO 8601 time like 2026-11-24T00:59:00Z, "
-                            f"got {value!r}") from None
-    else:
-        raise SpecError(f"{where}: expected an ISO 8601 time, got {value!r}")
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def _expectations(value: Any, keys: Sequence[str], required: Sequence[str], where: str
@@ -109,26 +96,6 @@ def _expectations(value: Any, keys: Sequence[str], required: Sequence[str], wher
     return items
 
 
-def _load(path: Path) -> tuple[dict[str, Any], RuleSet]:
-    try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise SpecError(f"cannot read test file: {exc}") from exc
-    document = check_keys(document, FILE_KEYS, "test file", required=("rule_files", "tests"))
-    rule_files = document["rule_files"]
-    if isinstance(rule_files, str):
-        rule_files = [rule_files]
-    if not isinstance(rule_files, list) or not rule_files:
-        raise SpecError("rule_files: expected a non-empty list of paths")
-    if not isinstance(document["tests"], list):
-        raise SpecError("tests: expected a list of cases")
-    try:
-        rules = load_rules([path.parent / str(f) for f in rule_files])
-    except RuleError as exc:
-        raise SpecError(f"rule_files do not load:\n{exc}") from exc
-    return document, rules
-
-
 # -- one case --------------------------------------------------------------------------------
 
 
@@ -142,7 +109,7 @@ class _Case:
         self.idle = DEFAULT_IDLE if idle is None else timedelta(
             microseconds=offset_ns(idle, "trace_idle", allow_zero=False) // 1000)
         start = case.get("start_at", document.get("start_at"))
-        self.start = DEFAULT_START if start is None else _start_at(start, f"{where}.start_at")
+        self.start = DEFAULT_START if start is None else parse_start_at(start, f"{where}.start_at")
         if "spans" in case and "otlp_json" in case:
             raise SpecError(f"{where}: give either 'spans' or 'otlp_json', not both")
         self.labels: dict[str, str] = {}
@@ -299,10 +266,12 @@ def run_case(path: Path, document: dict[str, Any], rules: RuleSet, index: int) -
 
 
 def run_file(path: Path) -> list[CaseResult]:
-    try:
-        document, rules = _load(path)
-    except SpecError as exc:
-        return [CaseResult(str(path), "(file)", False, f"error: {exc}")]
+    """The result of every case; a file with problems (see ruletest_check) runs no case and
+    gives one failed result holding them all."""
+    problems, document, rules = check_test_file(path)
+    if problems or document is None or rules is None:
+        return [CaseResult(str(path), "(file)", False,
+                           problems=tuple(str(p) for p in problems))]
     return [run_case(path, document, rules, i) for i in range(len(document["tests"]))]
 
 
@@ -318,6 +287,8 @@ def run_test_files(paths: Sequence[str], out: TextIO) -> int:
                 continue
             failed += 1
             print(f"FAIL {result.file}: {result.name}", file=out)
+            for problem in result.problems:
+                print(problem, file=out)
             for line in result.report.splitlines():
                 print(f"  {line}", file=out)
     print(f"{passed} passed, {failed} failed", file=out)

@@ -16,6 +16,7 @@ refused with UNAUTHENTICATED before its message is decoded.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -150,6 +151,26 @@ def _address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+def _probe(host: str, port: int, address: str) -> None:
+    """Raise OSError if ``host:port`` is taken, before grpc tries: its C core would first log
+    a line of its own ("add_port.cc ... Failed to add port") that the person never asked for.
+    A port taken between this probe and grpc's bind still fails, with that line."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return  # grpc reports the unresolvable name itself
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc binds
+            try:
+                sock.bind(sockaddr)
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot bind the OTLP/gRPC receiver to {address}: "
+                                         f"{exc.strerror}") from exc
+
+
 async def start_grpc_receiver(
     sink: Sink,
     *,
@@ -190,6 +211,7 @@ async def start_grpc_receiver(
     )
     server.add_generic_rpc_handlers((handler,))
     address = _address(host, port)
+    _probe(host, port, address)
     try:
         if tls is None:
             bound_port = server.add_insecure_port(address)

@@ -31,7 +31,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from outcomewatch.durations import parse_duration
+from outcomewatch.durations import bare_number_message, parse_duration
 from outcomewatch.errors import DurationError
 
 NAME_PATTERN = re.compile(r"[a-z0-9._-]+")
@@ -92,6 +92,13 @@ def _check_name(value: str) -> str:
             "rule_name",
             f"invalid rule name {value!r}: use only lowercase letters, digits, '.', '_' and '-'",
         )
+    return value
+
+
+def _not_a_bare_number(value: Any) -> Any:
+    # YAML reads `within: 600` as an int; "expected a string" would not say what to write.
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        raise PydanticCustomError("duration", bare_number_message(value))
     return value
 
 
@@ -161,6 +168,7 @@ TimeZone = Annotated[StrictStr, AfterValidator(_check_tz)]
 
 Duration = Annotated[
     StrictStr,
+    BeforeValidator(_not_a_bare_number),
     AfterValidator(_check_duration),
     WithJsonSchema(
         {
