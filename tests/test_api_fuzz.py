@@ -191,6 +191,7 @@ class ExampleRules:
 
     rules: RuleSet
     loaded_at: datetime
+    last_reload: ReloadResult | None = None
 
     async def reload(self) -> ReloadResult:
         self.rules = load_rules([RULES_DIR])

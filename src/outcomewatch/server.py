@@ -114,6 +114,10 @@ class Server:
     def loaded_at(self) -> datetime:
         return self.source.loaded_at
 
+    @property
+    def last_reload(self) -> ReloadResult | None:
+        return self.source.last_reload
+
     async def reload(self) -> ReloadResult:
         return await self.source.reload()
 

@@ -49,6 +49,7 @@ class RuleSource:
         self.loaded_at = clock()
         self._seen = self._signature()
         self._lock = asyncio.Lock()
+        self.last_reload: ReloadResult | None = None  # the latest reload, rejected or not
 
     def files(self) -> list[str]:
         """The rule files loaded (or that a reload would load)."""
@@ -66,14 +67,17 @@ class RuleSource:
                           len(exc.problems), exc)
                 self._seen = signature
                 self._on_reload(False, self._clock())
-                return ReloadResult(len(self.rules.rules), exc.problems, self.loaded_at)
+                self.last_reload = ReloadResult(len(self.rules.rules), exc.problems,
+                                                self.loaded_at)
+                return self.last_reload
             self.rules = rules
             self._on_load(rules)
             self.loaded_at = self._clock()
             self._seen = signature
             self._on_reload(True, self.loaded_at)
             log.info("reloaded %d rules", len(rules.rules))
-            return ReloadResult(len(rules.rules), (), self.loaded_at)
+            self.last_reload = ReloadResult(len(rules.rules), (), self.loaded_at)
+            return self.last_reload
 
     def _signature(self) -> tuple[tuple[str, int, int], ...]:
         try:

@@ -209,6 +209,7 @@ def rules_page(request: Request, reader: ReaderDep) -> Response:
     return render(request, "rules.html", {
         "title": "Rules", "counts": _counts(reader), "rules": listing.rules,
         "loaded_at": listing.loaded_at, "chart": chart, "peak": max(peak, 1),
+        "last_reload": admin.last_reload,
         "hours": console_queries.CHART_HOURS,
     })
 

@@ -28,6 +28,10 @@ class RulesAdmin(Protocol):
     @property
     def loaded_at(self) -> datetime: ...
 
+    @property
+    def last_reload(self) -> ReloadResult | None:
+        """The latest reload (None before the first): its problems when it was rejected."""
+
     async def reload(self) -> ReloadResult: ...
 
 
