@@ -7,6 +7,7 @@ one outbox row per notification target of the incident's route in the same trans
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,6 +20,8 @@ from outcomewatch.incidents.lifecycle import act as lifecycle_act
 from outcomewatch.store import verdicts
 
 __all__ = ["SYSTEM", "Action", "ActionResult", "act", "applies_to", "firing_snapshots"]
+
+log = logging.getLogger(__name__)
 
 _SELECT = f"SELECT {verdicts.INCIDENT_COLUMNS} FROM incidents"
 
@@ -61,6 +64,8 @@ def act(
         return ActionResult(before.status.value, changed=False)
     db.execute("INSERT INTO incident_events VALUES (?, ?, ?, ?, ?)",
                [incident_id, at, transition.kind, actor, comment])
+    log.info("incident %d %s by %s: rule %s, group %s: %s", incident_id, transition.kind, actor,
+             after.rule, after.group_key or "(none)", comment or after.summary)
     for outbox in verdicts.outbox_rows([transition], targets_for_route):
         db.execute(
             "INSERT INTO outbox (incident_id, transition, target, route, payload, status, "
