@@ -47,6 +47,8 @@ def test_an_error_on_the_expected_path_puts_the_open_run_at_risk(tmp_path: Path)
         server.go_idle()
         failed = server.verdict(trace_id, "order-confirmed")
         assert failed["status"] == "failed" and failed["missing"] == ["email.sent"]
+        assert [r["id"] for r in server.runs(reason="trace_idle")] == [failed["id"]]
+        assert server.runs(reason="deadline") == []
 
 
 def test_a_run_with_a_deadline_is_due_at_it(tmp_path: Path) -> None:

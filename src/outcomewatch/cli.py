@@ -415,39 +415,17 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _replay_api(args: argparse.Namespace) -> int:
-    """replay --api: the rule files (checked here first) as one document, to the server."""
-    import httpx
-    import yaml
-
-    from outcomewatch.durations import format_duration
+    """replay --api: the rule files (already checked here) to a running server's backtest."""
     from outcomewatch.offline import render_replay
-    from outcomewatch.rules import rule_files
+    from outcomewatch.offline.replay_client import ReplayClientError, backtest_remote
 
-    merged: list[object] = []
-    for path in rule_files(args.rules):
-        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        merged.extend(document.get("rules") or [])
-    params = {"trace_idle": format_duration(args.trace_idle)}
-    if args.since is not None:
-        params["since"] = format_duration(args.since)
-    headers = {"Content-Type": "application/yaml"}
-    if args.api_token:
-        headers["Authorization"] = f"Bearer {args.api_token}"
-    url = args.api.rstrip("/") + "/api/v1/replay"
     try:
-        answer = httpx.post(url, params=params, headers=headers, timeout=600,
-                            content=yaml.safe_dump({"rules": merged}, sort_keys=False))
-    except httpx.HTTPError as exc:
-        print(f"outcomewatch: cannot reach {url}: {exc}", file=sys.stderr)
+        report = backtest_remote(args.api, args.rules, since=args.since,
+                                 trace_idle=args.trace_idle, token=args.api_token)
+    except ReplayClientError as exc:
+        print(f"outcomewatch: {exc}", file=sys.stderr)
         return 1
-    if answer.status_code != 200:
-        try:
-            detail = answer.json().get("detail") or answer.json().get("problems")
-        except ValueError:
-            detail = answer.text[:200]
-        print(f"outcomewatch: {url} answered {answer.status_code}: {detail}", file=sys.stderr)
-        return 1
-    print(render_replay(answer.json(), args.format))
+    print(render_replay(report, args.format))
     return 0
 
 

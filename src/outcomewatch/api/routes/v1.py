@@ -15,7 +15,7 @@ from outcomewatch.api.deps import ReaderDep
 from outcomewatch.api.schemas import ErrorOut, IncidentDetailOut, IncidentsPage, RunsPage
 from outcomewatch.api.schemas_ops import NotificationsPage, NotificationStatus
 from outcomewatch.api.schemas_trace import SpanOut, TraceOut
-from outcomewatch.model import IncidentStatus, RunStatus
+from outcomewatch.model import FailureReason, IncidentStatus, RunStatus
 
 router = APIRouter()
 
@@ -48,12 +48,14 @@ def list_runs(
     ] = None,
     rule: str | None = None,
     run_status: Annotated[RunStatus | None, Query(alias="status")] = None,
+    reason: Annotated[FailureReason | None, Query(description="Failed runs by reason.")] = None,
     limit: Limit = 100,
     cursor: Cursor = None,
 ) -> RunsPage:
     """Runs ordered by ``opened_at`` descending; every given filter must match."""
-    page = reader.list_runs(
-        trace_id=trace_id, rule=rule, status=run_status, limit=limit, cursor=cursor
+    page = reader.list_runs_by(
+        trace_id=trace_id, rule=rule, status=run_status,
+        reason=None if reason is None else reason.value, limit=limit, cursor=cursor,
     )
     return RunsPage.from_page(page)
 
