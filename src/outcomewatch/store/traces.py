@@ -68,9 +68,10 @@ class PendingIndex:
             cur.execute("INSERT INTO trace_index SELECT * FROM incoming_index")
         finally:
             cur.unregister("incoming_index")
-# The tail is read from a little before the newest indexed span: exports committed in one
-# transaction were received in an order a few milliseconds apart.
-_TAIL_MARGIN_NS = 1_000_000_000
+# The tail is read from a little before the newest indexed span: exports are committed in the
+# order they were queued, received a few milliseconds before (their receive times can cross by
+# that much); 200 ms covers it with room.
+_TAIL_MARGIN_NS = 200_000_000
 
 _SPANS = (
     "SELECT s.span, r.resource, s.scope, s.start_ns, s.span_id, s.received_ns FROM spans s "
@@ -82,11 +83,10 @@ _SPANS = (
 def windows(cur: duckdb.DuckDBPyConnection, trace_id: str) -> list[tuple[int, int]]:
     """The received_ns ranges to read for the trace: its indexed window (if any) and the
     unindexed tail."""
-    [(lo, hi)] = cur.execute(
-        "SELECT min(first_received_ns), max(last_received_ns) FROM trace_index "
+    [(lo, hi, indexed_until)] = cur.execute(
+        "SELECT min(first_received_ns), max(last_received_ns), "
+        "(SELECT max(last_received_ns) FROM trace_index) FROM trace_index "
         "WHERE trace_id = ?", [trace_id]).fetchall()
-    [(indexed_until,)] = cur.execute(
-        "SELECT max(last_received_ns) FROM trace_index").fetchall()
     tail = -(2**63) if indexed_until is None else int(indexed_until) - _TAIL_MARGIN_NS
     if lo is None:
         return [(tail, _MAX_NS)]
