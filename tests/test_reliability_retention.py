@@ -156,9 +156,9 @@ def test_the_server_deletes_on_its_interval_and_keeps_incident_evidence(tmp_path
         assert detail["failure_count"] == 1
         assert [f["trace_id"] for f in detail["failures"]] == [failed]
         assert [r["status"] for r in running.runs(trace_id=passed)] == ["passed"]
-        # Counted once the retention round that deleted them has finished.
-        metrics = running.wait_for(
-            lambda: (text := running.api.get("/metrics").text)
-            if 'outcomewatch_spans_deleted_total{kind="evidence"} 1.0' in text else None,
-            what="the deleted spans counted")
+        def counted() -> str | None:  # once the retention round that deleted them finished
+            text = running.api.get("/metrics").text
+            return text if 'outcomewatch_spans_deleted_total{kind="evidence"} 1.0' in text else None
+
+        metrics = running.wait_for(counted, what="the deleted spans counted")
         assert 'outcomewatch_spans_deleted_total{kind="passed"} 2.0' in metrics
