@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 
-from tests.processes import Export, RawClient, make_span, read_db, serving, wait_for
+from tests.processes import Export, RawClient, ServeProcess, make_span, read_db, serving, wait_for
 
 ROUNDS = 3
 TRACES = 100  # per round
@@ -25,6 +25,11 @@ TRACES = 100  # per round
 def _failing(count: int) -> tuple[Export, set[str]]:
     ids = [os.urandom(16) for _ in range(count)]
     return Export.of([make_span(t, "signup.completed") for t in ids]), {t.hex() for t in ids}
+
+
+def _counted(server: ServeProcess) -> int:
+    incidents = server.client.get("/api/v1/incidents").json()["incidents"]
+    return sum(int(i["failure_count"]) for i in incidents)
 
 
 def test_kill_9_right_after_failures_are_counted_never_counts_one_twice(tmp_path: Path) -> None:
@@ -38,11 +43,9 @@ def test_kill_9_right_after_failures_are_counted_never_counts_one_twice(tmp_path
             assert client.send(export.body) == grpc.StatusCode.OK
             client.close()
 
-            def counted() -> bool:
-                incidents = server.client.get("/api/v1/incidents").json()["incidents"]
-                return sum(i["failure_count"] for i in incidents) >= len(failed)
-
-            wait_for(counted, "the round's failures to be counted")
+            expected = len(failed)
+            wait_for(lambda s=server, n=expected: _counted(s) >= n,
+                     "the round's failures to be counted")
             server.kill9()
     # A last start recovers the last round, then a clean stop.
     with serving(tmp_path, trace_idle="150ms", db=db) as server:
