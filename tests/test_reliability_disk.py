@@ -131,11 +131,12 @@ def test_a_checkpoint_failing_on_a_full_disk_is_recovered_from_without_a_restart
         for i in range(20):
             assert client.send(traces.exports[i].body) == grpc.StatusCode.OK
             acked.add(i)
-        # Nearly full: room for the WAL of a 6 MB export, not for the checkpoint writing
+        # Nearly full: room for the WAL of a 6 MB export (with its index rows, 1.5 MB to
+        # spare), not for the checkpoint writing
         # them again into the database file (more than its free blocks can take).
         # One export, so that no checkpoint can come between its parts.
         big = _incompressible_export(spans=96)
-        with filled(disk, leave=6 * 1024 * 1024 + 512 * 1024) as filler:
+        with filled(disk, leave=7 * 1024 * 1024 + 512 * 1024) as filler:
             assert client.send(big.body) == grpc.StatusCode.OK
             # Idle with a WAL to write: the next checkpoint fails and DuckDB invalidates it.
             wait_for(lambda: "invalidated by a failed checkpoint" in server.output(),
