@@ -8,8 +8,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from tests.processes import wait_for
 from tests.servers import running_asgi
 from tests.system import require
 
@@ -48,18 +48,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def wait_until(probe: Callable[[], Any], *, what: str, timeout_s: float = 15.0) -> Any:
-    """Poll ``probe`` until truthy; the timeout only bounds a broken run."""
-    give_up = time.monotonic() + timeout_s
-    while True:
-        result = probe()
-        if result:
-            return result
-        if time.monotonic() > give_up:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.02)
 
 
 @dataclass
@@ -91,7 +79,7 @@ class Alertmanager:
             stdout=log, stderr=subprocess.STDOUT,
         )
         log.close()
-        wait_until(self._ready, what="alertmanager to be ready", timeout_s=START_TIMEOUT_S)
+        wait_for(self._ready, what="alertmanager to be ready", timeout_s=START_TIMEOUT_S)
 
     def _ready(self) -> bool:
         assert self._process is not None

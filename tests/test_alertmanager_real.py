@@ -25,8 +25,9 @@ from starlette.routing import Route
 
 from outcomewatch.clock import ManualClock
 from outcomewatch.incidents.senders import fingerprint
-from tests.alertmanager import Alertmanager, running_alertmanager, wait_until
+from tests.alertmanager import Alertmanager, running_alertmanager
 from tests.harness import RunningServer, running_server, trace_id_of
+from tests.processes import wait_for
 from tests.servers import running_asgi
 
 RULES = """
@@ -92,7 +93,7 @@ def am_route(am: Alertmanager) -> str:
 def test_an_alert_arrives_with_its_labels_and_annotations_and_the_resolve_ends_it(tmp_path):
     with running_alertmanager(tmp_path / "am") as am, shop(tmp_path, am_route(am)) as world:
         world.fail(customer="c-42")
-        (alert,) = wait_until(am.alerts, what="the alert in Alertmanager")
+        (alert,) = wait_for(am.alerts, what="the alert in Alertmanager")
         incident = world.incident()
         labels = {"alertname": "OutcomeMissing", "rule": "order-confirmed", "owner": "shop",
                   "severity": "critical", "route": "shop-oncall", "customer_id": "c-42"}
@@ -108,14 +109,14 @@ def test_an_alert_arrives_with_its_labels_and_annotations_and_the_resolve_ends_i
             milliseconds=1)
 
         # What Alertmanager delivers to its own receivers: the same alert, firing.
-        (message,) = wait_until(lambda: list(am.delivered), what="Alertmanager's notification")
+        (message,) = wait_for(lambda: list(am.delivered), what="Alertmanager's notification")
         assert message["status"] == "firing"
         assert message["alerts"][0]["labels"] == labels
         assert message["alerts"][0]["fingerprint"] == fingerprint(labels)
 
         world.act(incident["id"], "resolve")
-        wait_until(lambda: not am.alerts(), what="the resolve to end the alert")
-        resolved = wait_until(
+        wait_for(lambda: not am.alerts(), what="the resolve to end the alert")
+        resolved = wait_for(
             lambda: [m for m in am.delivered if m["status"] == "resolved"],
             what="Alertmanager's resolved notification")
         assert resolved[0]["alerts"][0]["labels"] == labels
@@ -124,22 +125,22 @@ def test_an_alert_arrives_with_its_labels_and_annotations_and_the_resolve_ends_i
 def test_after_an_alertmanager_restart_the_firing_alert_is_back_within_resend_every(tmp_path):
     with running_alertmanager(tmp_path / "am") as am, shop(tmp_path, am_route(am)) as world:
         world.fail()
-        wait_until(am.alerts, what="the alert")
+        wait_for(am.alerts, what="the alert")
         am.stop()
         am.start()  # a new storage dir: it remembers nothing
         assert am.alerts() == []
         world.server.advance(timedelta(minutes=1))
-        (alert,) = wait_until(am.alerts, what="the re-sent alert")
+        (alert,) = wait_for(am.alerts, what="the re-sent alert")
         assert alert["labels"]["rule"] == "order-confirmed"
 
 
 def test_a_reopened_incident_starts_at_its_reopening_in_the_post_and_the_resends(tmp_path):
     with running_alertmanager(tmp_path / "am") as am, shop(tmp_path, am_route(am)) as world:
         world.fail()
-        (first,) = wait_until(am.alerts, what="the first alert")
+        (first,) = wait_for(am.alerts, what="the first alert")
         incident = world.incident()
         world.act(incident["id"], "resolve")
-        wait_until(lambda: not am.alerts(), what="the resolve")
+        wait_for(lambda: not am.alerts(), what="the resolve")
 
         world.fail()  # within the reopen window: the same incident, open again
         reopened_at = world.server.clock()
@@ -147,13 +148,13 @@ def test_a_reopened_incident_starts_at_its_reopening_in_the_post_and_the_resends
         assert detail["status"] == "open"
         kinds = [event["kind"] for event in detail["timeline"]]
         assert kinds[-1] == "reopened"
-        (again,) = wait_until(am.alerts, what="the re-opened alert")
+        (again,) = wait_for(am.alerts, what="the re-opened alert")
         starts = instant(again["startsAt"])
         assert starts > instant(first["startsAt"])
         assert abs(starts - reopened_at) < timedelta(seconds=1)  # stamped by the server's clock
 
         world.server.advance(timedelta(minutes=1))  # a re-send
-        wait_until(lambda: [a for a in am.alerts() if a["endsAt"] != again["endsAt"]],
+        wait_for(lambda: [a for a in am.alerts() if a["endsAt"] != again["endsAt"]],
                    what="the re-sent alert")
         (resent,) = am.alerts()
         assert instant(resent["startsAt"]) == starts
@@ -204,7 +205,7 @@ def test_a_black_hole_on_one_route_does_not_hold_up_a_webhook_on_another(tmp_pat
                     world.fail(customer=customer)
                 assert hole.accepted.wait(15)
                 world.fail("refund.issued")
-                (message,) = wait_until(lambda: list(received), what="the webhook")
+                (message,) = wait_for(lambda: list(received), what="the webhook")
                 assert message["commonLabels"]["rule"] == "refund-recorded"
                 # Delivered while every post to the black hole is still waiting for an answer.
                 pending = world.server.get("/api/v1/notifications", status="pending")
