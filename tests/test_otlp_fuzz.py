@@ -59,7 +59,16 @@ def decode_or_refuse(decode: Callable[[bytes], ExportTraceServiceRequest], data:
     except InvalidPayload:
         _event("refused")
         return None
-    batch = batch_from_request(request, received_ns=1, limits=limits or SpanLimits())
+    limits = limits or SpanLimits()
+    if decode is parse_protobuf:  # as the receivers do: each span's bytes cut from the body
+        batch = batch_from_request(request, received_ns=1, limits=limits, body=data)
+        reserialised = batch_from_request(request, received_ns=1, limits=limits)
+        assert batch.problems == reserialised.problems
+        assert batch.name == reserialised.name
+        assert [PbSpan.FromString(raw) for raw in batch.raw] == [
+            PbSpan.FromString(raw) for raw in reserialised.raw]
+    else:
+        batch = batch_from_request(request, received_ns=1, limits=limits)
     _event("spans accepted" if len(batch) else "no span accepted")
     _event("some spans rejected" if batch.rejected else "no span rejected")
     total = sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)

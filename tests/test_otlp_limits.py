@@ -41,9 +41,10 @@ def text(value: str) -> AnyValue:
 
 
 def decode(request: ExportTraceServiceRequest, limits: SpanLimits | None = None) -> otlp.SpanBatch:
-    """As the receivers do: from the bytes on the wire."""
+    """As the receivers do: from the bytes on the wire, the spans' bytes cut from them."""
+    body = request.SerializeToString()
     return batch_from_request(
-        parse_protobuf(request.SerializeToString()), received_ns=1, limits=limits or SpanLimits()
+        parse_protobuf(body), received_ns=1, limits=limits or SpanLimits(), body=body
     )
 
 

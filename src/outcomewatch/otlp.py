@@ -13,13 +13,10 @@ Values are named by representation: ``pb_span`` is a protobuf message, ``span`` 
 from __future__ import annotations
 
 import base64
-import functools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
-from typing import Any
 
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
@@ -27,6 +24,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 
 from outcomewatch.errors import InvalidPayload
 from outcomewatch.model import AttributeValue, Span, SpanEvent, SpanLink, SpanStatus
+from outcomewatch.otlp_probe import probe, raw_spans
 
 _ZERO_TRACE = bytes(16)
 _ZERO_SPAN = bytes(8)
@@ -280,124 +278,48 @@ def _resource_problem(pb_resource: Resource, raw: bytes, limits: SpanLimits) -> 
     count = len(pb_resource.attributes)
     if count > limits.max_attributes_per_span:
         return f"{count} attributes, limit {limits.max_attributes_per_span}"
-    if len(raw) > limits.max_attribute_value_bytes or _probe(raw, limits, resource=True) is None:
+    if (len(raw) > limits.max_attribute_value_bytes
+            or probe(raw, limits.max_value_depth, resource=True) is None):
         problem = _attributes_problem(pb_resource.attributes, limits)
         if problem is not None:
             return "attributes" + problem
     return None
 
 
-_FIELD = descriptor_pb2.FieldDescriptorProto
-# The OTLP fields that a probe reads past, by field number. Declared, because upb decodes an
-# unknown field more slowly than a known one; "bytes" stands for strings and sub-messages too.
-_PROBE_SCALARS = {
-    "Span": {7: "fixed64", 8: "fixed64", 16: "fixed32"}
-    | dict.fromkeys((1, 2, 3, 4, 5, 15), "bytes") | dict.fromkeys((6, 10, 12, 14), "uint64"),
-    "Event": {1: "fixed64", 2: "bytes", 4: "uint64"},
-    "Link": {1: "bytes", 2: "bytes", 3: "bytes", 5: "uint64", 6: "fixed32"},
-    "Resource": {2: "uint64"},
-    "KeyValue": {1: "bytes"},
-    "Value": {1: "bytes", 2: "uint64", 3: "uint64", 4: "fixed64", 7: "bytes"},
-}
-
-
-@functools.cache
-def _probe_types(max_depth: int) -> tuple[type[Message], type[Message]]:
-    """Message types that parse a Span (and a Resource) keeping only how attribute values nest.
-
-    They mirror the OTLP types (wire-compatible, strings read as bytes) with the path down to
-    nested values made *singular*: protobuf merges the repeated occurrences of a singular
-    message field, so the attributes of all the spans of a buffer of concatenated spans fold
-    into one tree of at most ``max_depth + 1`` levels: a few allocations per request, none per
-    attribute. Past ``max_depth`` the tree ends in a message whose required field is of its own
-    type, which no finite input can set: ``IsInitialized()`` is False exactly when some value
-    nests too deep. Events and links stay repeated, so that their numbers can be read.
-    """
-    package = f"outcomewatch.probe{max_depth}"
-    file = descriptor_pb2.FileDescriptorProto(
-        name=f"outcomewatch/probe{max_depth}.proto", package=package, syntax="proto2"
-    )
-
-    def message(name: str, fields: dict[int, str], *, label: int = _FIELD.LABEL_OPTIONAL,
-                repeated: tuple[int, ...] = ()) -> None:
-        """Message ``name`` (as Value3 or Value) with message-typed ``fields`` by number."""
-        pb_message = file.message_type.add(name=name)
-        for number, scalar in _PROBE_SCALARS.get(name.rstrip("0123456789"), {}).items():
-            pb_message.field.add(name=f"f{number}", number=number, label=_FIELD.LABEL_OPTIONAL,
-                                 type=getattr(_FIELD, f"TYPE_{scalar.upper()}"))
-        for number, type_name in fields.items():
-            pb_message.field.add(
-                name=f"f{number}", number=number, type=_FIELD.TYPE_MESSAGE,
-                label=_FIELD.LABEL_REPEATED if number in repeated else label,
-                type_name=f".{package}.{type_name}",
-            )
-
-    message("TooDeep", {1: "TooDeep"}, label=_FIELD.LABEL_REQUIRED)
-    for level in range(1, max_depth + 2):
-        array, kvlist = f"Array{level}", f"KvList{level}"
-        if level > max_depth:
-            array = kvlist = "TooDeep"
-        else:
-            message(array, {1: f"Value{level + 1}"})
-            message(kvlist, {1: f"KeyValue{level + 1}"})
-        message(f"Value{level}", {5: array, 6: kvlist})
-        message(f"KeyValue{level}", {2: f"Value{level}"})
-    message("Event", {3: "KeyValue1"})
-    message("Link", {4: "KeyValue1"})
-    message("Span", {9: "KeyValue1", 11: "Event", 13: "Link"}, repeated=(11, 13))
-    message("Resource", {1: "KeyValue1"})
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(file)
-    return (
-        message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.Span")),
-        message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.Resource")),
-    )
-
-
-def _probe(raw: bytes, limits: SpanLimits, *, resource: bool = False) -> Any:
-    """``raw`` (concatenated spans, or a resource) parsed by a probe type; None when a value
-    nests deeper than the limit (or the probe cannot parse it, which says the same)."""
-    probe_type = _probe_types(limits.max_value_depth)[1 if resource else 0]
-    try:
-        probe = probe_type.FromString(raw)
-    except DecodeError:
-        return None
-    return probe if probe.IsInitialized() else None
-
-
-def _located_spans(request: ExportTraceServiceRequest) -> Iterator[tuple[str, PbSpan]]:
-    for r, pb_resource_spans in enumerate(request.resource_spans):
-        for s, pb_scope_spans in enumerate(pb_resource_spans.scope_spans):
-            for i, pb_span in enumerate(pb_scope_spans.spans):
-                yield f"resource_spans[{r}].scope_spans[{s}].spans[{i}]", pb_span
-
-
 def _recheck(
-    batch: SpanBatch, request: ExportTraceServiceRequest, limits: SpanLimits, *, deep: bool
+    batch: SpanBatch, request: ExportTraceServiceRequest, limits: SpanLimits, *, deep: bool,
+    skipped: set[tuple[int, ...]],
 ) -> None:
     """Reject the accepted spans over the limits that ``batch_from_request`` checks once per
     request: too many events or links, or (``deep``) values nested too deep. Slow, and run only
-    for a request that the cheap check says holds such a span."""
-    accepted, rejected = set(batch.raw), set()
-    for where, pb_span in _located_spans(request):
-        too_many = (
-            len(pb_span.events) > limits.max_events_per_span
-            or len(pb_span.links) > limits.max_links_per_span
-        )
-        if not too_many and not deep:
+    for a request that the cheap check says holds such a span. ``skipped`` holds the positions
+    ``(r,)`` of rejected resources and ``(r, s, i)`` of rejected spans: the others are the
+    batch's spans, in order."""
+    k, rejected = -1, []
+    for r, pb_resource_spans in enumerate(request.resource_spans):
+        if (r,) in skipped:
             continue
-        raw = pb_span.SerializeToString()
-        if raw not in accepted or raw in rejected:
-            continue  # rejected already
-        if too_many or _probe(raw, limits) is None:
-            problem = _span_problem(pb_span, limits)
-            if problem is not None:
-                rejected.add(raw)
-                batch.problems.append(f"{where}: {problem}")
+        for s, pb_scope_spans in enumerate(pb_resource_spans.scope_spans):
+            for i, pb_span in enumerate(pb_scope_spans.spans):
+                if (r, s, i) in skipped:
+                    continue
+                k += 1
+                too_many = (
+                    len(pb_span.events) > limits.max_events_per_span
+                    or len(pb_span.links) > limits.max_links_per_span
+                )
+                if not too_many and not deep:
+                    continue
+                if too_many or probe(batch.raw[k], limits.max_value_depth) is None:
+                    problem = _span_problem(pb_span, limits)
+                    if problem is not None:
+                        rejected.append(k)
+                        batch.problems.append(
+                            f"resource_spans[{r}].scope_spans[{s}].spans[{i}]: {problem}")
     if rejected:
-        keep = [k for k, raw in enumerate(batch.raw) if raw not in rejected]
-        batch.rejected += len(batch) - len(keep)
-        batch._keep(keep)
+        dropped = set(rejected)
+        batch.rejected += len(dropped)
+        batch._keep([k for k in range(len(batch)) if k not in dropped])
 
 
 def batch_from_request(
@@ -405,6 +327,7 @@ def batch_from_request(
     *,
     received_ns: int,
     limits: SpanLimits = DEFAULT_LIMITS,
+    body: bytes | None = None,
 ) -> SpanBatch:
     """Validate ids and limits and read the scalar columns of every span of ``request``.
 
@@ -420,7 +343,10 @@ def batch_from_request(
     (made anyway, for ``raw``) bounds its largest value, so only a span larger than
     ``max_attribute_value_bytes`` has its values measured. Nesting depth and the numbers of
     events and links are checked once per request, by parsing all accepted spans at once into
-    a probe type (see ``_probe_types``); only when that finds a problem is each span rechecked.
+    a probe type (see otlp_probe.py); only when that finds a problem is each span rechecked.
+
+    ``body``, the serialised ``request`` when the caller has it, is where ``raw`` is cut from
+    (otlp_probe.raw_spans): cheaper than serialising each span again.
     """
     batch = SpanBatch(received_ns=received_ns)
     max_attributes, max_bytes = limits.max_attributes_per_span, limits.max_attribute_value_bytes
@@ -433,6 +359,8 @@ def batch_from_request(
     append_message, append_raw = batch.status_message.append, batch.raw.append
     append_raw_resource, append_pb = batch.raw_resource.append, batch._pb_spans.append
     append_resource_of = batch._resource_of.append
+    skipped: set[tuple[int, ...]] = set()  # rejected resources (r,) and spans (r, s, i)
+    as_sent = raw_spans(body) if body is not None else None
     for r, pb_resource_spans in enumerate(request.resource_spans):
         raw_resource = pb_resource_spans.resource.SerializeToString()
         problem = _resource_problem(pb_resource_spans.resource, raw_resource, limits)
@@ -445,6 +373,7 @@ def batch_from_request(
                 batch.problems.append(
                     f"resource_spans[{r}].resource: {problem} (its {count} spans are rejected)"
                 )
+            skipped.add((r,))
             continue
         resource = attributes(pb_resource_spans.resource.attributes)
         service_value = resource.get("service.name")
@@ -453,9 +382,13 @@ def batch_from_request(
         batch._resources.append(resource)
         for s, pb_scope_spans in enumerate(pb_resource_spans.scope_spans):
             scope = pb_scope_spans.scope.name
-            for i, pb_span in enumerate(pb_scope_spans.spans):
+            pb_spans = pb_scope_spans.spans
+            raws = None if as_sent is None else as_sent[r][s]
+            if raws is None or len(raws) != len(pb_spans):
+                raws = [pb_span.SerializeToString() for pb_span in pb_spans]
+            for i, pb_span in enumerate(pb_spans):
                 trace_id, span_id = pb_span.trace_id, pb_span.span_id
-                raw = pb_span.SerializeToString()
+                raw = raws[i]
                 start, end = pb_span.start_time_unix_nano, pb_span.end_time_unix_nano
                 status, kind = pb_span.status, pb_span.kind
                 code = status.code
@@ -471,6 +404,7 @@ def batch_from_request(
                         batch.problems.append(
                             f"resource_spans[{r}].scope_spans[{s}].spans[{i}]: {problem}"
                         )
+                        skipped.add((r, s, i))
                         continue
                 append_trace(trace_id.hex())
                 append_span(span_id.hex())
@@ -488,14 +422,14 @@ def batch_from_request(
                 append_pb(pb_span)
                 append_resource_of(resource_index)
     if batch.raw:
-        probe = _probe(b"".join(batch.raw), limits)
-        if probe is None:
-            _recheck(batch, request, limits, deep=True)
+        probe_of_all = probe(b"".join(batch.raw), limits.max_value_depth)
+        if probe_of_all is None:
+            _recheck(batch, request, limits, deep=True, skipped=skipped)
         elif (
-            len(probe.f11) > limits.max_events_per_span
-            or len(probe.f13) > limits.max_links_per_span
+            len(probe_of_all.f11) > limits.max_events_per_span
+            or len(probe_of_all.f13) > limits.max_links_per_span
         ):
-            _recheck(batch, request, limits, deep=False)
+            _recheck(batch, request, limits, deep=False, skipped=skipped)
     return batch
 
 

@@ -111,7 +111,8 @@ class _TraceService:
         """Decode, hand to the sink, and build the response, or say why the export is refused."""
         try:
             batch = otlp.batch_from_request(
-                otlp.parse_protobuf(request), received_ns=self._clock_ns(), limits=self._limits
+                otlp.parse_protobuf(request), received_ns=self._clock_ns(), limits=self._limits,
+                body=request,
             )
             if len(batch):
                 await self._sink(batch)

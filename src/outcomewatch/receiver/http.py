@@ -173,7 +173,8 @@ def create_http_receiver(
         try:
             body = await _read_body(request, encoding, limits)
             batch = otlp.batch_from_request(
-                fmt.parse(body), received_ns=clock_ns(), limits=limits
+                fmt.parse(body), received_ns=clock_ns(), limits=limits,
+                body=body if fmt.parse is otlp.parse_protobuf else None,
             )
             if len(batch):
                 await sink(batch)
