@@ -262,6 +262,8 @@ def _arguments() -> argparse.Namespace:
 
 def main() -> None:
     args = _arguments()
+    if args.disk_full:
+        soak_disk.require_root()
     workdir = Path(tempfile.mkdtemp(prefix="outcomewatch-soak-"))
     disk = workdir / "disk"
     if args.disk_full:

@@ -1,15 +1,16 @@
 """The disk-full phase of bench/soak.py: the database file and its WAL on a tmpfs the soak
 mounts, filled to the last block mid-soak for a while, then freed; and how the server recovers.
 
-Contract: :func:`mount` mounts a fresh tmpfs of ``size_mib`` at ``path`` (root only: it exits
-with one line otherwise) and :func:`unmount` takes it away. :class:`DiskFullPhase` is driven by
-the soak's loop: ``tick(now)`` (monotonic seconds) never blocks longer than one /readyz request
-(2 s at most) plus the filling. At ``start_at`` it fills the disk; ``full_for`` seconds later it
-frees it and then watches, without restarting anything, for /readyz to answer 200 and for the
-first export acknowledged after the freeing. While ``active`` the soak must not kill the server
-(a restart would measure a start on a full disk, not a recovery). ``done`` once both were seen
-or ``give_up_s`` after the freeing; ``recovered`` tells which. The load keeps sending
-throughout: exports refused while full (``UNAVAILABLE``) are re-sent by the soak's workers.
+Contract: :func:`require_root` exits with one line unless root; :func:`mount` mounts a fresh
+tmpfs of ``size_mib`` at ``path`` (root only, likewise) and :func:`unmount` takes it away.
+:class:`DiskFullPhase` is driven by the soak's loop: ``tick(now)`` (monotonic seconds) never
+blocks longer than one /readyz request (2 s at most) plus the filling. At ``start_at`` it fills
+the disk; ``full_for`` seconds later it frees it and then watches, without restarting anything,
+for /readyz to answer 200 and for the first export acknowledged after the freeing. While
+``active`` the soak must not kill the server (a restart would measure a start on a full disk,
+not a recovery). ``done`` once both were seen or ``give_up_s`` after the freeing; ``recovered``
+tells which. The load keeps sending throughout: exports refused while full (``UNAVAILABLE``) are
+re-sent by the soak's workers.
 """
 
 from __future__ import annotations
@@ -26,9 +27,13 @@ from typing import BinaryIO
 import httpx
 
 
-def mount(path: Path, size_mib: int) -> None:
+def require_root() -> None:
     if os.geteuid() != 0:
         raise SystemExit("soak: --disk-full needs root (it mounts a tmpfs for the database)")
+
+
+def mount(path: Path, size_mib: int) -> None:
+    require_root()
     path.mkdir(parents=True, exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(path)],
                    check=True)
