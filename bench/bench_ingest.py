@@ -50,10 +50,11 @@ def _kv(key: str, value: str | int) -> KeyValue:
 def build_request(spans: int, rng: random.Random) -> bytes:
     """One request: ``spans`` spans in traces of 16, ~10 attributes each, 8 resource attributes."""
     resource_spans = ResourceSpans()
-    for key, value in [("service.name", "checkout"), ("service.version", "2024.11.3"),
-                       ("host.name", "web-7"), ("deployment.environment", "prod"),
-                       ("cloud.region", "eu-north-1"), ("process.pid", 4242),
-                       ("telemetry.sdk.name", "opentelemetry"), ("telemetry.sdk.language", "go")]:
+    resource: list[tuple[str, str | int]] = [
+        ("service.name", "checkout"), ("service.version", "2024.11.3"), ("host.name", "web-7"),
+        ("deployment.environment", "prod"), ("cloud.region", "eu-north-1"), ("process.pid", 4242),
+        ("telemetry.sdk.name", "opentelemetry"), ("telemetry.sdk.language", "go")]
+    for key, value in resource:
         resource_spans.resource.attributes.append(_kv(key, value))
     scope = ScopeSpans()
     scope.scope.name = "bench"

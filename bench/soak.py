@@ -1,22 +1,26 @@
 """Soak: steady load with periodic kill -9 and restart, then a check of what the database holds.
 
-    .venv/bin/python bench/soak.py --minutes 2 [--rate 150] [--kill-every 20]
+    .venv/bin/python bench/soak.py --minutes 2 [--rate 150] [--kill-every 20] [--mix heavy]
+        [--disk-full 45 [--disk-full-at 150] [--disk-size 1024]]
 
 Not run in CI. It starts ``outcomewatch serve`` (short --trace-idle, a short --retention so that
 deletion happens within minutes, a webhook route to a local receiver), streams OTLP/gRPC exports
-from several threads (each export: a trace that passes, a broken trace that fails, the trigger
-of a trace whose outcome comes in a later export, filler spans), and kills the server with
-SIGKILL every --kill-every seconds (+-30%), restarting it on the same file at once. Exports not
-acknowledged are sent again, as exporters do. At the end it stops the load, waits for the
-verdicts, stops the server with SIGTERM and reads the file read-only:
+from several threads in one of the mixes of soak_mix.py (``signup``, the default: a trace that
+passes, a broken trace that fails, a trace whose outcome comes in the next export, filler
+spans; ``heavy``: bench_verdicts.py's rule-heavy traces, each opening two runs, one passing, one
+failing), and kills the server with SIGKILL every --kill-every seconds (+-30%), restarting it on
+the same file at once. Exports not acknowledged are sent again, as exporters do.
 
-- every acknowledged span is stored (for traces younger than --retention, which may not have
-  been deleted yet);
-- every trace with a trigger has exactly one run, and it is closed;
-- no failure is counted twice (incident_failures, incidents.failure_count), no outbox row is
-  duplicated;
+``--disk-full SECONDS`` (off by default; root only, as it mounts a tmpfs of --disk-size MiB for
+the database file and its WAL): at --disk-full-at (default: half-way) the tmpfs is filled to
+its last block for that long, then freed (soak_disk.py); no kill happens from the filling until
+the server has recovered without a restart (/readyz 200 and an export acknowledged again), and
+the time both took is printed.
 
-and prints them with the server's peak RSS and the database file size over time.
+At the end it stops the load, waits for the verdicts, reads the incidents' files through the
+API, stops the server with SIGTERM and reads the file read-only (soak_checks.py: lost spans,
+duplicated verdicts, failure counts, outbox rows, evidence-less failures), prints the figures
+with the server's peak RSS and the file size over time, and exits 1 if any check failed.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import http.server
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -37,22 +42,14 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import duckdb
 import grpc
 import httpx
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+import soak_disk
+import soak_mix
+from soak_checks import Run, api_evidence, first_sent, report
+from soak_mix import Export, Mix
 
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
-RULES = """
-rules:
-  - name: signup-welcomed
-    owner: growth
-    route: growth-oncall
-    trigger: {span: signup.completed}
-    expect: [{span: welcome.sent}]
-"""
 MiB = 1024 * 1024
 
 
@@ -62,57 +59,20 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _kv(key: str, value: str) -> KeyValue:
-    return KeyValue(key=key, value=AnyValue(string_value=value))
-
-
-def _span(trace_id: bytes, name: str, parent: bytes = b"", padding: int = 0) -> Span:
-    now = time.time_ns()
-    span = Span(trace_id=trace_id, span_id=os.urandom(8), parent_span_id=parent, name=name,
-                start_time_unix_nano=now, end_time_unix_nano=now + 1000,
-                status=Status(code=Status.STATUS_CODE_OK))
-    span.attributes.append(_kv("customer.id", f"c-{random.randrange(10_000)}"))
-    if padding:
-        span.attributes.append(_kv("payload", "x" * padding))
-    return span
-
-
-@dataclass
-class Export:
-    body: bytes
-    spans: Counter[str]  # trace id -> spans of it in this export
-    triggers: list[str]
-    first_sent: float = 0.0
-    acked: bool = False
-
-
 @dataclass
 class Ledger:
     """What the client sent and what was acknowledged."""
 
+    mix: Mix
     exports: list[Export] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     attempts: int = 0
     refusals: Counter[str] = field(default_factory=Counter)
-    pending_outcome: Span | None = None
+    last_ack: float = 0.0  # time.monotonic() of the latest acknowledgement
 
-    def new_export(self, fillers: int, padding: int) -> int:
-        whole, broken, split = os.urandom(16), os.urandom(16), os.urandom(16)
-        trigger = _span(whole, "signup.completed")
-        spans = [_span(whole, "welcome.sent", trigger.span_id), trigger]
-        spans += [_span(whole, "db.query", trigger.span_id, padding) for _ in range(fillers)]
-        spans.append(_span(broken, "signup.completed"))
-        split_trigger = _span(split, "signup.completed")
-        spans.append(split_trigger)
+    def new_export(self) -> int:
         with self.lock:
-            if self.pending_outcome is not None:
-                spans.append(self.pending_outcome)
-            self.pending_outcome = _span(split, "welcome.sent", split_trigger.span_id)
-            resource = ResourceSpans(scope_spans=[ScopeSpans(spans=spans)])
-            resource.resource.attributes.append(_kv("service.name", "accounts"))
-            body = ExportTraceServiceRequest(resource_spans=[resource]).SerializeToString()
-            self.exports.append(Export(body, Counter(s.trace_id.hex() for s in spans),
-                                       [whole.hex(), broken.hex(), split.hex()]))
+            self.exports.append(self.mix.build())
             return len(self.exports) - 1
 
 
@@ -130,8 +90,8 @@ class Webhook(http.server.BaseHTTPRequestHandler):
 class Server:
     """The outcomewatch process, restarted on the same file after each kill."""
 
-    def __init__(self, workdir: Path, args: list[str], log: Path) -> None:
-        self.workdir, self.args, self.log = workdir, args, log.open("ab")
+    def __init__(self, workdir: Path, db: Path, args: list[str], log: Path) -> None:
+        self.workdir, self.db, self.args, self.log = workdir, db, args, log.open("ab")
         self.popen: subprocess.Popen[bytes] | None = None
         self.generation = 0
         self.endpoint = ""
@@ -142,7 +102,7 @@ class Server:
         grpc_port, http_port, api_port = _free_port(), _free_port(), _free_port()
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "outcomewatch", "serve", "--rules",
-             str(self.workdir / "rules.yaml"), "--db", str(self.workdir / "soak.duckdb"),
+             str(self.workdir / "rules.yaml"), "--db", str(self.db),
              "--grpc", f"127.0.0.1:{grpc_port}", "--http", f"127.0.0.1:{http_port}",
              "--api", f"127.0.0.1:{api_port}", *self.args],
             stdout=self.log, stderr=subprocess.STDOUT)
@@ -202,15 +162,13 @@ class Server:
 class Load:
     """Worker threads: send new exports at a steady rate, and re-send refused ones."""
 
-    def __init__(self, ledger: Ledger, server: Server, *, workers: int, rate: float,
-                 fillers: int, padding: int) -> None:
+    def __init__(self, ledger: Ledger, server: Server, *, workers: int, rate: float) -> None:
         self.ledger, self.server = ledger, server
         self.retry: deque[int] = deque()
         self.generate = threading.Event()
         self.generate.set()
         self.stop = threading.Event()
         self.pause = workers / rate
-        self.fillers, self.padding = fillers, padding
         self.threads = [threading.Thread(target=self._work, daemon=True) for _ in range(workers)]
         for thread in self.threads:
             thread.start()
@@ -220,7 +178,7 @@ class Load:
             if self.retry:
                 return self.retry.popleft()
         if self.generate.is_set():
-            return self.ledger.new_export(self.fillers, self.padding)
+            return self.ledger.new_export()
         return None
 
     def _work(self) -> None:
@@ -254,6 +212,7 @@ class Load:
             with self.ledger.lock:
                 self.ledger.attempts += 1
                 item.acked = True
+                self.ledger.last_ack = time.monotonic()
             self.stop.wait(self.pause * random.uniform(0.5, 1.5))
         if channel is not None:
             channel.close()
@@ -275,44 +234,84 @@ def _size(path: Path) -> int:
         return 0
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=2.0)
+    parser.add_argument("--mix", choices=["signup", "heavy"], default="signup")
     parser.add_argument("--rate", type=float, default=150.0, help="new exports per second")
     parser.add_argument("--workers", type=int, default=6)
-    parser.add_argument("--fillers", type=int, default=20, help="filler spans per export")
-    parser.add_argument("--padding", type=int, default=400, help="bytes per filler span")
+    parser.add_argument("--fillers", type=int, default=20, help="signup: filler spans per export")
+    parser.add_argument("--padding", type=int, default=400, help="signup: bytes per filler span")
+    parser.add_argument("--traces", type=int, default=5,
+                        help="heavy: traces of 10 spans per export")
     parser.add_argument("--kill-every", type=float, default=20.0,
                         help="seconds, +-30%%; 0: never (to watch the file size alone)")
+    parser.add_argument("--disk-full", type=float, default=0.0,
+                        help="seconds the database's disk is held full (root only); 0: never")
+    parser.add_argument("--disk-full-at", type=float, default=None,
+                        help="seconds into the soak the disk fills (default: half-way)")
+    parser.add_argument("--disk-size", type=int, default=1024, help="MiB of the tmpfs")
     parser.add_argument("--trace-idle", default="1s")
     parser.add_argument("--retention", default="30s")
     parser.add_argument("--evidence-retention", default="60s")
     parser.add_argument("--retention-interval", default="5s")
     parser.add_argument("--sample-every", type=float, default=10.0)
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def main() -> None:
+    args = _arguments()
+    if args.disk_full:
+        soak_disk.require_root()
     workdir = Path(tempfile.mkdtemp(prefix="outcomewatch-soak-"))
+    disk = workdir / "disk"
+    if args.disk_full:
+        soak_disk.mount(disk, args.disk_size)
+    else:
+        disk.mkdir()
+    try:
+        failed = _soak(args, workdir, disk / "soak.duckdb")
+    finally:
+        if args.disk_full:
+            soak_disk.unmount(disk)
+    if not args.keep:
+        shutil.rmtree(workdir)
+    else:
+        print(f"work directory kept: {workdir}")
+    if failed:
+        raise SystemExit(f"soak: checks failed: {', '.join(failed)}")
+
+
+def _soak(args: argparse.Namespace, workdir: Path, db: Path) -> list[str]:
+    mix = soak_mix.make(args.mix, fillers=args.fillers, padding=args.padding,
+                        traces=args.traces)
     hook = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Webhook)
     threading.Thread(target=hook.serve_forever, daemon=True).start()
-    (workdir / "rules.yaml").write_text(RULES)
-    (workdir / "config.yaml").write_text(
-        f"routes:\n  growth-oncall:\n    webhook: {{url: 'http://127.0.0.1:"
-        f"{hook.server_address[1]}/hook'}}\n")
-    db = workdir / "soak.duckdb"
-    server = Server(workdir, [
+    (workdir / "rules.yaml").write_text(mix.rules)
+    (workdir / "config.yaml").write_text(soak_mix.CONFIG.format(port=hook.server_address[1]))
+    server = Server(workdir, db, [
         "--trace-idle", args.trace_idle, "--config", str(workdir / "config.yaml"),
         "--retention", args.retention, "--evidence-retention", args.evidence_retention,
         "--retention-interval", args.retention_interval, "--log-level", "warning"],
         workdir / "serve.log")
-    retention_s = _seconds(args.retention)
 
-    ledger = Ledger()
+    ledger = Ledger(mix)
     startups = [server.start()]
-    load = Load(ledger, server, workers=args.workers, rate=args.rate, fillers=args.fillers,
-                padding=args.padding)
+    load = Load(ledger, server, workers=args.workers, rate=args.rate)
     began = time.monotonic()
     end = began + args.minutes * 60
+    phase = None
+    if args.disk_full:
+        at = args.minutes * 30 if args.disk_full_at is None else args.disk_full_at
+
+        def refusals() -> Counter[str]:
+            with ledger.lock:
+                return Counter(ledger.refusals)
+
+        phase = soak_disk.DiskFullPhase(
+            db.parent, began, began + at, args.disk_full, api=lambda: server.api,
+            refusals=refusals, last_ack=lambda: ledger.last_ack)
     never = float("inf")
     next_kill = began + args.kill_every * random.uniform(0.7, 1.3) if args.kill_every else never
     next_sample = began
@@ -325,21 +324,31 @@ def main() -> None:
         values = server.metric("outcomewatch_spans_deleted_total")
         return Counter({k.split('"')[1]: int(v) for k, v in values.items() if '"' in k})
 
-    while time.monotonic() < end:
-        now = time.monotonic()
-        max_rss = max(max_rss, server.rss_kib())
-        if now >= next_sample:
-            with ledger.lock:
-                acked = sum(e.acked for e in ledger.exports)
-            samples.append((now - began, _size(db), _size(db.with_suffix(".duckdb.wal")), acked))
-            next_sample = now + args.sample_every
-        if now >= next_kill:
-            deleted += deleted_now()
-            server.kill9()
-            kills += 1
-            startups.append(server.start())
-            next_kill = time.monotonic() + args.kill_every * random.uniform(0.7, 1.3)
-        time.sleep(0.2)
+    def sample() -> None:
+        with ledger.lock:
+            acked = sum(e.acked for e in ledger.exports)
+        samples.append((time.monotonic() - began, _size(db),
+                        _size(db.with_suffix(".duckdb.wal")), acked))
+
+    try:
+        while time.monotonic() < end or (phase is not None and phase.active):
+            now = time.monotonic()
+            max_rss = max(max_rss, server.rss_kib())
+            if now >= next_sample:
+                sample()
+                next_sample = now + args.sample_every
+            if phase is not None:
+                phase.tick(now)
+            if now >= next_kill and not (phase is not None and phase.active):
+                deleted += deleted_now()
+                server.kill9()
+                kills += 1
+                startups.append(server.start())
+                next_kill = time.monotonic() + args.kill_every * random.uniform(0.7, 1.3)
+            time.sleep(0.2)
+    finally:
+        if phase is not None:
+            phase.close()
 
     # Stop making new exports; let every refused one through, then wait for the verdicts.
     load.generate.clear()
@@ -349,102 +358,37 @@ def main() -> None:
     load.join()
     with ledger.lock:
         acked_all = all(e.acked for e in ledger.exports)
-    idle_s = _seconds(args.trace_idle)
-    wait_until = time.monotonic() + max(30.0, 10 * idle_s)
-    open_runs = -1
-    while time.monotonic() < wait_until:
-        page = httpx.get(f"{server.api}/api/v1/runs", params={"status": "open", "limit": 1},
-                         timeout=10).json()
-        open_runs = len(page["runs"])
-        if open_runs == 0 and time.monotonic() - began > idle_s:
-            break
-        time.sleep(0.2)
-    time.sleep(3 * idle_s)  # failures being recorded
+    _settle(server.api, _seconds(args.trace_idle))
     deleted += deleted_now()
     max_rss = max(max_rss, server.rss_kib())
     stopped_at = time.monotonic()
+    evidence_s = _seconds(args.evidence_retention)
+    recent = {t for t, sent in first_sent(ledger.exports).items()
+              if sent >= stopped_at - evidence_s + 2.0}
+    api_checked, api_evidence_less = api_evidence(server.api, recent)
     exit_code = server.terminate()
-    samples.append((time.monotonic() - began, _size(db), _size(db.with_suffix(".duckdb.wal")),
-                    sum(e.acked for e in ledger.exports)))
+    sample()
     hook.shutdown()
 
-    report(ledger, db, kills=kills, startups=startups, exit_code=exit_code,
-           acked_all=acked_all, max_rss=max_rss, samples=samples, deleted=deleted,
-           checkable_after=stopped_at - retention_s + 2.0, args=args)
-    if not args.keep:
-        for path in sorted(workdir.glob("*")):
-            path.unlink()
-        workdir.rmdir()
-    else:
-        print(f"work directory kept: {workdir}")
+    run = Run(mix, ledger.exports, ledger.attempts, ledger.refusals, kills, startups,
+              exit_code, acked_all, max_rss, samples, deleted, began, stopped_at,
+              _seconds(args.retention), evidence_s, api_checked, api_evidence_less)
+    if phase is not None:
+        run.disk_summary = phase.summary()
+        run.disk_failed = [] if phase.recovered else ["disk-full recovery"]
+    return report(run, db, args)
 
 
-def report(ledger: Ledger, db: Path, *, kills: int, startups: list[float], exit_code: int,
-           acked_all: bool, max_rss: int, samples: list[tuple[float, int, int, int]],
-           deleted: Counter[str], checkable_after: float, args: argparse.Namespace) -> None:
-    conn = duckdb.connect(str(db), read_only=True)
-    try:
-        stored = dict(conn.execute(
-            "SELECT trace_id, count(DISTINCT span_id) FROM spans GROUP BY ALL").fetchall())
-        runs = conn.execute("SELECT trace_id, status, count(*) FROM runs GROUP BY ALL").fetchall()
-        failure_dupes = conn.execute(
-            "SELECT count(*) FROM (SELECT run_id FROM incident_failures GROUP BY ALL "
-            "HAVING count(*) > 1)").fetchone()
-        failures = conn.execute("SELECT count(*) FROM incident_failures").fetchone()
-        counted = conn.execute("SELECT count(*), coalesce(sum(failure_count), 0) "
-                               "FROM incidents").fetchone()
-        outbox_dupes = conn.execute(
-            "SELECT count(*) FROM (SELECT incident_id, transition, target FROM outbox "
-            "GROUP BY ALL HAVING count(*) > 1)").fetchone()
-        total_spans = conn.execute("SELECT count(*) FROM spans").fetchone()
-    finally:
-        conn.close()
-    assert failure_dupes and failures and counted and outbox_dupes and total_spans
-
-    expected: Counter[str] = Counter()  # trace -> acked spans, for traces not yet expirable
-    expirable: set[str] = set()
-    triggers: set[str] = set()
-    spans_acked = 0
-    for export in ledger.exports:
-        if not export.acked:
-            continue
-        spans_acked += sum(export.spans.values())
-        triggers.update(export.triggers)
-        for trace_id, count in export.spans.items():
-            if export.first_sent < checkable_after:
-                expirable.add(trace_id)
-            expected[trace_id] += count
-    checked = {t: n for t, n in expected.items() if t not in expirable}
-    missing_spans = sum(max(0, n - stored.get(t, 0)) for t, n in checked.items())
-    runs_per_trace: Counter[str] = Counter()
-    statuses: Counter[str] = Counter()
-    for trace_id, status, count in runs:
-        runs_per_trace[trace_id] += count
-        statuses[status] += count
-    without_run = len(triggers - set(runs_per_trace))
-    several = sum(1 for n in runs_per_trace.values() if n > 1)
-    sent = len(ledger.exports)
-
-    print(f"soak: {args.minutes:g} min at ~{args.rate:g} exports/s ({args.workers} threads), "
-          f"kill -9 every ~{args.kill_every:g}s, trace idle {args.trace_idle}, retention "
-          f"{args.retention} / evidence {args.evidence_retention} every "
-          f"{args.retention_interval}")
-    print(f"kills: {kills} (kill -9, restart on the same file); startups "
-          f"{', '.join(f'{s:.1f}s' for s in startups)}; final SIGTERM exit code {exit_code}")
-    print(f"exports: {sent} made, {ledger.attempts} attempts, refused attempts "
-          f"{dict(ledger.refusals) or 0}, all acknowledged in the end: {acked_all}")
-    print(f"spans: {spans_acked} acknowledged; {sum(checked.values())} in traces younger than "
-          f"the retention checked, missing {missing_spans}; {total_spans[0]} rows stored")
-    print(f"traces with a trigger: {len(triggers)}; runs {dict(statuses)}; traces without a "
-          f"run: {without_run}; with more than one run: {several}")
-    print(f"failures: {failures[0]} incident_failures rows, duplicated run ids "
-          f"{failure_dupes[0]}; incidents {counted[0]} with failure_count sum {counted[1]} "
-          f"(failed runs {statuses.get('failed', 0)}); duplicated outbox rows {outbox_dupes[0]}")
-    print(f"retention deleted: {dict(deleted) or 0}")
-    print(f"server RSS max: {max_rss / 1024:.0f} MiB")
-    print("database file over time (t, file, wal, exports acked):")
-    for t, size, wal, acked in samples:
-        print(f"  {t:7.1f}s  {size / MiB:8.1f} MiB  wal {wal / MiB:7.1f} MiB  {acked:>8}")
+def _settle(api: str, idle_s: float) -> None:
+    """Wait (bounded) until no run is open, then for the failures being recorded."""
+    wait_until = time.monotonic() + max(30.0, 10 * idle_s)
+    while time.monotonic() < wait_until:
+        page = httpx.get(f"{api}/api/v1/runs", params={"status": "open", "limit": 1},
+                         timeout=10).json()
+        if not page["runs"]:
+            break
+        time.sleep(0.2)
+    time.sleep(3 * idle_s)
 
 
 def _seconds(duration: str) -> float:

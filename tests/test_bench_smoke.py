@@ -23,3 +23,17 @@ def test_the_verdict_benchmark_completes_and_counts_every_verdict_once() -> None
         assert lines[mix].endswith("  OK"), result.stdout
     assert "; OK (" in lines["lookup"], result.stdout
     assert "RSS per live trace" in lines["live"], result.stdout
+
+
+def test_the_soak_with_the_heavy_mix_completes_and_its_checks_pass() -> None:
+    """A few seconds of bench/soak.py's rule-heavy mix with one kill -9 and restart: every
+    check of soak_checks.py passes (exit code 0). No disk-full phase: it needs root."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "soak.py"), "--mix", "heavy", "--minutes", "0.1",
+         "--rate", "20", "--traces", "2", "--workers", "2", "--kill-every", "3",
+         "--trace-idle", "300ms"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    lines = {line.split(":")[0]: line for line in result.stdout.splitlines() if ":" in line}
+    assert int(lines["kills"].split()[1]) >= 1, result.stdout
+    assert "FAILED" not in lines["checks"] and "evidence OK" in lines["checks"], result.stdout
