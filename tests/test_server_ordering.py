@@ -40,10 +40,11 @@ def spans(clock: ManualClock, *items: tuple[int, int, str]) -> SpanBatch:
 
 
 class Harness:
-    def __init__(self, tmp_path: Path, rules: str) -> None:
+    def __init__(self, tmp_path: Path, rules: str, clock: ManualClock | None = None) -> None:
         self.rules = tmp_path / "rules.yaml"
         self.rules.write_text(rules)
-        self.clock = ManualClock()
+        self.clock = clock or ManualClock()
+        self.closed = False
         self.loop = asyncio.new_event_loop()
         self.server = Server(Settings(rules=(str(self.rules),), db=str(tmp_path / "ow.duckdb"),
                                       trace_idle=IDLE), clock=self.clock)
@@ -75,6 +76,9 @@ class Harness:
             cursor.close()
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         assert self.server.store is not None
         self.server.store.close()
         self.loop.close()
@@ -156,3 +160,42 @@ def test_a_run_of_a_rule_removed_by_a_reload_still_gets_its_verdict(make: Any) -
 
     assert h.rows("SELECT rule, status FROM runs") == [("order-confirmed", "failed")]
     assert h.rows("SELECT rule, failure_count FROM incidents") == [("order-confirmed", 1)]
+
+
+HELD_AN_HOUR = """
+rules:
+  - name: settled-within-an-hour
+    owner: billing
+    trigger: {span: order.placed}
+    expect: [{span: charge.done}]
+    within: 1h
+"""
+
+
+def test_a_restart_reads_back_past_the_idle_time_only_the_spans_a_rule_looks_at(
+    make: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    first = make(HELD_AN_HOUR)
+    first.ingest((1, 1, "order.placed"), (4, 1, "charge.done"),
+                 *[(100 + n, 1, "db.query") for n in range(50)])
+    # Every trace is idle now; trace 1's run stays open and trace 4's outcome is held (1h).
+    first.tick_after(IDLE * 3)
+    first.ingest((2, 1, "charge.done"), (3, 1, "db.query"))  # the last idle window
+    first.settle()
+    first.close()
+
+    second = Harness(tmp_path, HELD_AN_HOUR, first.clock)
+    try:
+        with caplog.at_level("INFO", logger="outcomewatch.pipeline"):
+            second.loop.run_until_complete(second.pipeline.recover(IDLE))
+        # Trace 1 (an open run), trace 4's outcome (a rule looks at it) and the two spans of
+        # the last idle window; none of the 50 others.
+        assert "recovered 4 spans" in caplog.text
+        assert second.server.engine.open_runs == 1
+        second.ingest((1, 2, "charge.done"))
+        second.tick_after(IDLE * 2)
+        second.settle()
+        assert second.rows("SELECT trace_id, status FROM runs") == [
+            ((1).to_bytes(16, "big").hex(), "passed")]
+    finally:
+        second.close()

@@ -18,6 +18,7 @@ the incident file is built from the stored trace when it is read.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
@@ -55,7 +56,11 @@ class VerdictWriter(Protocol):
 
     def last_received_ns(self) -> int | None: ...
 
-    def recovery_spans(self, since_ns: int) -> list[tuple[bytes, bytes, str, int]]: ...
+    def span_names(self, since_ns: int, until_ns: int) -> list[str]: ...
+
+    def recovery_spans(
+        self, since_ns: int, *, all_since_ns: int | None = None, names: Sequence[str] = (),
+    ) -> list[tuple[bytes, bytes, str, int]]: ...
 
     def decided_run_ids(self, trace_ids: Sequence[str]) -> list[str]: ...
 
@@ -176,7 +181,20 @@ class Pipeline:
         now = to_ns(self._clock())
         last = await asyncio.to_thread(self.writer.last_received_ns)
         since = min(now, last if last is not None else now)
-        rows = await asyncio.to_thread(self.writer.recovery_spans, since - window)
+        # Past the idle time only the spans a rule looks at can still matter (an outcome held
+        # for a long ``within``): read only those, or a restart would decode every span of the
+        # last hours (millions under load, gigabytes of memory). Correlated rules hold spans
+        # by their links and ids, whatever their names: then the whole window is read.
+        idle = int(trace_idle.total_seconds() * 1e9)
+        names: list[str] = []
+        all_since = since - window
+        if window > idle and not self.engine.correlates:
+            all_since = since - idle
+            names = self.engine.interesting(await asyncio.to_thread(
+                self.writer.span_names, since - window, all_since))
+        rows = await asyncio.to_thread(
+            functools.partial(self.writer.recovery_spans, since - window,
+                              all_since_ns=all_since, names=names))
         if not rows:
             return
         spans = [(decode_stored_span(raw, res, scope=scope), received)

@@ -189,6 +189,16 @@ class Engine:
             self._correlation.horizon = max(within)
 
     @property
+    def correlates(self) -> bool:
+        """Whether some rule correlates traces (by links or shared ids)."""
+        return self._correlation is not None
+
+    def interesting(self, names: Iterable[str]) -> list[str]:
+        """Those of ``names`` that some rule triggers on, expects or forbids."""
+        return [name for name in names
+                if (self._interest.get(name) or self._interest_in(name)) is not NO_INTEREST]
+
+    @property
     def live_traces(self) -> int:
         return len(self._live)
 
