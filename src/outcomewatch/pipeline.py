@@ -60,7 +60,7 @@ class VerdictWriter(Protocol):
 
     def recovery_spans(
         self, since_ns: int, *, all_since_ns: int | None = None, names: Sequence[str] = (),
-    ) -> list[tuple[bytes, bytes, str, int]]: ...
+    ) -> list[tuple[bytes, bytes, str, int, str]]: ...
 
     def decided_run_ids(self, trace_ids: Sequence[str]) -> list[str]: ...
 
@@ -197,12 +197,14 @@ class Pipeline:
                               all_since_ns=all_since, names=names))
         if not rows:
             return
-        spans = [(decode_stored_span(raw, res, scope=scope), received)
-                 for raw, res, scope, received in rows]
         decided = await asyncio.to_thread(
-            self.writer.decided_run_ids, sorted({span.trace_id for span, _ in spans}))
+            self.writer.decided_run_ids, sorted({row[4] for row in rows}))
         self.engine.forget_closed(decided)
-        self.persist(self.engine.replay(spans))
+        # Decoded one at a time as the engine replays them: a model.Span weighs several times
+        # its stored bytes, and the engine keeps only the few a rule holds.
+        self.persist(self.engine.replay(
+            (decode_stored_span(raw, res, scope=scope), received)
+            for raw, res, scope, received, _ in rows))
         self.flush()
         log.info("recovered %d spans: %d live traces, %d open runs",
-                 len(spans), self.engine.live_traces, self.engine.open_runs)
+                 len(rows), self.engine.live_traces, self.engine.open_runs)

@@ -41,22 +41,22 @@ class ServerReads(OutboxReads):
 
     def recovery_spans(
         self, since_ns: int, *, all_since_ns: int | None = None, names: Sequence[str] = (),
-    ) -> list[tuple[bytes, bytes, str, int]]:
-        """What a restart must observe again, as (span, resource, scope, received_ns) in the
-        order received: every span of a trace with an open run; every span received since
+    ) -> list[tuple[bytes, bytes, str, int, str]]:
+        """What a restart must observe again, as (span, resource, scope, received_ns, trace_id)
+        in the order received: every span of a trace with an open run; every span received since
         ``all_since_ns`` (traces that may not have gone idle yet; ``since_ns`` if None); and,
         received since ``since_ns``, the spans named in ``names`` (the ones a rule may still
         hold, e.g. an outcome awaited for a long ``within``)."""
         all_since = since_ns if all_since_ns is None else all_since_ns
         rows = self._rows(
-            "SELECT s.span, r.resource, s.scope, s.received_ns FROM spans s "
+            "SELECT s.span, r.resource, s.scope, s.received_ns, s.trace_id FROM spans s "
             "JOIN resources r ON r.id = s.resource_id WHERE s.received_ns >= ? "
             "OR (s.received_ns >= ? AND list_contains(?, s.name)) "
             "OR s.trace_id IN (SELECT trace_id FROM runs WHERE status = 'open') "
             "ORDER BY s.received_ns",
             [all_since, since_ns, list(names)],
         )
-        return [(bytes(r[0]), bytes(r[1]), str(r[2]), int(r[3])) for r in rows]
+        return [(bytes(r[0]), bytes(r[1]), str(r[2]), int(r[3]), str(r[4])) for r in rows]
 
     def schedule_progress(self) -> dict[str, datetime]:
         """Per scheduled rule, the time up to which its slots have been judged."""
