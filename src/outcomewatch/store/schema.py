@@ -51,6 +51,9 @@ CREATE TABLE IF NOT EXISTS trace_index (
     last_received_ns BIGINT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS trace_index_trace ON trace_index (trace_id);
+-- One row: max(trace_index.last_received_ns), kept by whoever appends to trace_index (a read of
+-- it costs a scan of the whole table). Rebuilt at every open (reindex_tail).
+CREATE TABLE IF NOT EXISTS trace_index_state (indexed_until BIGINT);
 
 CREATE TABLE IF NOT EXISTS resources (
     id BIGINT PRIMARY KEY,
@@ -196,10 +199,12 @@ REINDEX_MARGIN_NS = 10 * 1_000_000_000
 
 
 def reindex_tail(db: duckdb.DuckDBPyConnection) -> None:
-    """Index the spans a crash left unindexed (called at open)."""
+    """Index the spans a crash left unindexed, and set trace_index_state (called at open)."""
     [(until,)] = db.execute(INDEXED_UNTIL).fetchall()
     since = -(2**63) if until is None else int(until) - REINDEX_MARGIN_NS
     db.execute(BACKFILL_TRACES, {"since": since})
+    db.execute("DELETE FROM trace_index_state")
+    db.execute(f"INSERT INTO trace_index_state {INDEXED_UNTIL}")
 
 
 def migrate(db: duckdb.DuckDBPyConnection) -> None:

@@ -68,16 +68,22 @@ class PendingIndex:
             cur.execute("INSERT INTO trace_index SELECT * FROM incoming_index")
         finally:
             cur.unregister("incoming_index")
+        cur.execute("UPDATE trace_index_state SET indexed_until = greatest(indexed_until, ?)",
+                    [max(w[1] for w in windows.values())])
 # The tail is read from a little before the newest indexed span: exports are committed in the
 # order they were queued, received a few milliseconds before (their receive times can cross by
 # that much); 200 ms covers it with room.
 _TAIL_MARGIN_NS = 200_000_000
 
-_SPANS = (
-    "SELECT s.span, r.resource, s.scope, s.start_ns, s.span_id, s.received_ns FROM spans s "
-    "JOIN resources r ON r.id = s.resource_id "
-    "WHERE s.received_ns BETWEEN ? AND ? AND s.trace_id = ?"
-)
+# The span columns of a trace, bounded by its windows: (lo, hi) pairs of received_ns, OR-ed
+# (one scan that skips every row group outside them). Resources are looked up apart: a join
+# costs more than the scan, and a handful of resources serve every span.
+_SPANS = ("SELECT span, resource_id, scope, start_ns, span_id, received_ns FROM spans "
+          "WHERE ({windows}) AND trace_id = ?")
+_RESOURCE = "SELECT resource FROM resources WHERE id = ?"
+# Resource rows are content-addressed (id = hash of the bytes) and never change: cached.
+_resources: dict[int, bytes] = {}
+_MAX_CACHED_RESOURCES = 10_000
 
 
 def windows(cur: duckdb.DuckDBPyConnection, trace_id: str) -> list[tuple[int, int]]:
@@ -85,7 +91,7 @@ def windows(cur: duckdb.DuckDBPyConnection, trace_id: str) -> list[tuple[int, in
     unindexed tail."""
     [(lo, hi, indexed_until)] = cur.execute(
         "SELECT min(first_received_ns), max(last_received_ns), "
-        "(SELECT max(last_received_ns) FROM trace_index) FROM trace_index "
+        "(SELECT max(indexed_until) FROM trace_index_state) FROM trace_index "
         "WHERE trace_id = ?", [trace_id]).fetchall()
     tail = -(2**63) if indexed_until is None else int(indexed_until) - _TAIL_MARGIN_NS
     if lo is None:
@@ -93,6 +99,17 @@ def windows(cur: duckdb.DuckDBPyConnection, trace_id: str) -> list[tuple[int, in
     if int(hi) >= tail:
         return [(int(lo), _MAX_NS)]
     return [(int(lo), int(hi)), (tail, _MAX_NS)]
+
+
+def _resource(cur: duckdb.DuckDBPyConnection, resource_id: int) -> bytes:
+    raw = _resources.get(resource_id)
+    if raw is None:
+        [(raw,)] = cur.execute(_RESOURCE, [resource_id]).fetchall()
+        raw = bytes(raw)
+        if len(_resources) >= _MAX_CACHED_RESOURCES:
+            _resources.clear()
+        _resources[resource_id] = raw
+    return raw
 
 
 def span_rows(
@@ -103,16 +120,16 @@ def span_rows(
     retried export stored it twice: the first copy wins), ordered by (start_ns, span_id); only
     spans received up to ``until_ns``; ``limit`` rows after the keyset ``after``. None when no
     span of the trace is stored."""
+    bounds = [(lo, min(hi, until_ns) if until_ns else hi) for lo, hi in windows(cur, trace_id)]
+    bounds = [(lo, hi) for lo, hi in bounds if lo <= hi]
+    if not bounds:
+        return None
+    sql = _SPANS.format(windows=" OR ".join(["received_ns BETWEEN ? AND ?"] * len(bounds)))
     first: dict[str, tuple[Any, ...]] = {}
-    for lo, hi in windows(cur, trace_id):
-        if until_ns:
-            hi = min(hi, until_ns)
-        if lo > hi:
-            continue
-        for row in cur.execute(_SPANS, [lo, hi, trace_id]).fetchall():
-            kept = first.get(row[4])
-            if kept is None or row[5] < kept[5]:
-                first[row[4]] = row
+    for row in cur.execute(sql, [*(x for b in bounds for x in b), trace_id]).fetchall():
+        kept = first.get(row[4])
+        if kept is None or row[5] < kept[5]:
+            first[row[4]] = row
     if not first:
         return None
     rows = sorted(first.values(), key=lambda r: (r[3], r[4]))
@@ -120,4 +137,4 @@ def span_rows(
         rows = [r for r in rows if (r[3], r[4]) > after]
     if limit is not None:
         rows = rows[:limit]
-    return [r[:5] for r in rows]
+    return [(r[0], _resource(cur, r[1]), r[2], r[3], r[4]) for r in rows]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path, Query, status
+from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 
 from outcomewatch.api.deps import ReaderDep
 from outcomewatch.api.schemas import ErrorOut, IncidentDetailOut, IncidentsPage, RunsPage
@@ -112,15 +112,18 @@ def get_trace(
     trace_id: Annotated[str, Path(pattern=TRACE_ID_PATTERN, description=_TRACE_ID_HELP)],
     limit: Annotated[int, Query(ge=1, le=10_000, description="Spans per page.")] = 1000,
     cursor: Cursor = None,
-) -> TraceOut:
+) -> Response:
     """The trace's spans, each once (retried exports de-duplicated), ordered by start time
     (ties by span id), ``limit`` per page: pass ``next_cursor`` back as ``cursor`` for the next
     (null on the last page). A trace of up to 1000 spans is one page."""
     page = reader.get_trace_page(trace_id, limit=limit, cursor=cursor)
     if page is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"trace {trace_id} not found")
-    return TraceOut(trace_id=trace_id, spans=[SpanOut.from_span(s) for s in page.items],
-                    next_cursor=page.next_cursor)
+    out = TraceOut(trace_id=trace_id, spans=[SpanOut.from_span(s) for s in page.items],
+                   next_cursor=page.next_cursor)
+    # Serialised here, once, by pydantic: returned as a model, FastAPI would validate it a
+    # second time against response_model (the schema it documents) before serialising it.
+    return Response(out.model_dump_json(), media_type="application/json")
 
 
 @router.get(
