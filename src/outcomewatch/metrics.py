@@ -135,6 +135,9 @@ class Metrics:
             "rule and verdict. 0 when the outcome spans were already there when the trigger "
             "arrived (children are exported before their parents).",
             ["rule", "status"], buckets=_OUTCOME_BUCKETS, registry=r)
+        # labels() takes a lock and builds a key per call; these are called once per run.
+        self._opened: dict[str, Counter] = {}
+        self._decided: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self.late_outcomes = Counter(
             "outcomewatch_late_outcomes", "Outcomes that arrived after their run failed.",
             ["rule"], registry=r)
@@ -179,12 +182,19 @@ class Metrics:
     # What the pipeline and the rule source report; the counters behind them are this module's.
 
     def run_opened(self, rule: str) -> None:
-        self.runs_opened.labels(rule).inc()
+        child = self._opened.get(rule)
+        if child is None:
+            child = self._opened[rule] = self.runs_opened.labels(rule)
+        child.inc()
 
     def run_decided(self, rule: str, status: str, seconds: float) -> None:
         """A verdict (``status`` passed or failed), ``seconds`` from the run's opening."""
-        self.runs.labels(rule, status).inc()
-        self.time_to_outcome.labels(rule, status).observe(seconds)
+        children = self._decided.get((rule, status))
+        if children is None:
+            children = self._decided[rule, status] = (
+                self.runs.labels(rule, status), self.time_to_outcome.labels(rule, status))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def rules_reloaded(self, *, ok: bool, at: float) -> None:
         """A rule (re)load finished (``ok``: accepted); ``at`` is unix seconds."""

@@ -133,6 +133,28 @@ def _table(db: duckdb.DuckDBPyConnection, name: str, rows: list[dict[str, Any]],
     db.register(name, pa.Table.from_pylist(rows, schema=schema))
 
 
+@dataclass
+class _Keys:
+    """run_keys rows, column by column: a run has up to MAX_SEARCH_KEYS of them, so a batch
+    has ten times more keys than runs, and a dict per row would cost more than the rest."""
+
+    run_id: list[str] = field(default_factory=list)
+    key: list[str] = field(default_factory=list)
+    value: list[str] = field(default_factory=list)
+
+    def add(self, run_id: str, pairs: Sequence[tuple[str, str]]) -> None:
+        self.run_id += [run_id] * len(pairs)
+        self.key += [k for k, _ in pairs]
+        self.value += [v for _, v in pairs]
+
+    def __bool__(self) -> bool:
+        return bool(self.run_id)
+
+    def register(self, db: duckdb.DuckDBPyConnection, name: str) -> None:
+        db.register(name, pa.Table.from_arrays([self.run_id, self.key, self.value],
+                                               schema=_KEYS))
+
+
 def _unregister(db: duckdb.DuckDBPyConnection, *names: str) -> None:
     for name in names:
         db.unregister(name)
@@ -145,7 +167,7 @@ def write(db: duckdb.DuckDBPyConnection, batch: VerdictBatch) -> Written:
     claimed -= _counted_already(db, verdicts, claimed)
     lifecycle = Lifecycle(_load_states(db, verdicts, claimed), lambda: _next_id(db))
     failures: list[dict[str, Any]] = []
-    keys_of_failures: list[dict[str, Any]] = []
+    keys_of_failures = _Keys()
     for judged in verdicts:
         verdict = judged.verdict
         if verdict.run_id not in claimed:
@@ -163,15 +185,14 @@ def write(db: duckdb.DuckDBPyConnection, batch: VerdictBatch) -> Written:
             "reason": verdict.reason.value, "missing": list(verdict.missing),
             "detail": jsonsafe.dumps(dict(judged.detail)), "group_key": group[1],
         })
-        keys_of_failures.extend({"run_id": verdict.run_id, "key": k, "value": v}
-                                for k, v in judged.keys)
+        keys_of_failures.add(verdict.run_id, judged.keys)
     # Attached now or later in this batch (a held failure joins the incident its streak opens).
     attached = dict(lifecycle.attached)
     for failure in failures:
         failure["incident_id"] = attached.get(failure["run_id"])
     _write_lifecycle(db, lifecycle, failures, batch.targets)
     if keys_of_failures:
-        _table(db, "incoming_failure_keys", keys_of_failures, _KEYS)
+        keys_of_failures.register(db, "incoming_failure_keys")
         db.execute("INSERT INTO run_keys SELECT * FROM incoming_failure_keys")
         _unregister(db, "incoming_failure_keys")
     late = [e for e in batch.events if isinstance(e, LateOutcome)]
@@ -190,11 +211,11 @@ def write(db: duckdb.DuckDBPyConnection, batch: VerdictBatch) -> Written:
 
 def _run_rows(
     events: Sequence[BatchEvent],
-) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], list[Judged]]:
+) -> tuple[dict[str, dict[str, Any]], _Keys, list[Judged]]:
     """One row per run named (its final state within the batch), the search keys of opened runs,
     and the verdicts, first one per run, in order."""
     runs: dict[str, dict[str, Any]] = {}
-    keys: list[dict[str, Any]] = []
+    keys = _Keys()
     verdicts: list[Judged] = []
     decided: set[str] = set()
     for event in events:
@@ -206,8 +227,7 @@ def _run_rows(
                     "opened_at": event.opened_at, "deadline_at": event.deadline_at,
                     "closed_at": None, "reason": None, "missing": [], "group_key": "",
                 }
-                keys.extend({"run_id": event.run_id, "key": k, "value": v}
-                            for k, v in event.keys)
+                keys.add(event.run_id, event.keys)
         elif isinstance(event, Judged):
             verdict = event.verdict
             if verdict.run_id in decided:
@@ -234,7 +254,7 @@ def _run_rows(
 
 
 def _claim(
-    db: duckdb.DuckDBPyConnection, runs: dict[str, dict[str, Any]], keys: list[dict[str, Any]],
+    db: duckdb.DuckDBPyConnection, runs: dict[str, dict[str, Any]], keys: _Keys,
     verdicts: list[Judged],
 ) -> set[str]:
     """Insert the runs not stored yet and close the open ones the batch decides; the run ids
@@ -242,7 +262,7 @@ def _claim(
     if not runs:
         return set()
     _table(db, "incoming_runs", list(runs.values()), _RUNS)
-    _table(db, "incoming_keys", keys, _KEYS)
+    keys.register(db, "incoming_keys")
     try:
         inserted = {row[0] for row in db.execute(
             "INSERT INTO runs (id, rule, trace_id, trigger_span_id, status, opened_at, "
