@@ -25,6 +25,7 @@ from outcomewatch.analyzer.engine import Engine
 from outcomewatch.api.app import create_app
 from outcomewatch.clock import Clock, system_clock, to_ns
 from outcomewatch.config import NotifyConfig, load_config
+from outcomewatch.errors import StoreError
 from outcomewatch.incidents.notify import Notifier
 from outcomewatch.listeners import Address, EmbeddedUvicorn, serve_asgi
 from outcomewatch.metrics import Metrics
@@ -279,7 +280,9 @@ class Server:
             await asyncio.sleep(interval)
             try:
                 await self.apply_retention()
-            except Exception:  # a failing disk: the next round tries again
+            except StoreError as exc:  # a failing disk: one line; the next round tries again
+                log.error("retention failed: %s", exc)
+            except Exception:
                 log.exception("retention failed")
 
     async def stop(self) -> None:

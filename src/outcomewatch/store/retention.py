@@ -103,17 +103,19 @@ _DELETE_TRACES_EVIDENCE = (
 
 
 def _count(db: duckdb.DuckDBPyConnection, lo: int, hi: int) -> int:
-    row = db.execute("SELECT count(*) FROM spans WHERE received_ns >= ? AND received_ns < ?",
-                     [lo, hi]).fetchone()
-    return int(row[0]) if row is not None else 0
+    # fetchall, never fetchone, on the writer: a result read only in part stays open, and the
+    # next statement of the transaction fails with "connection has an unfinished result".
+    rows = db.execute("SELECT count(*) FROM spans WHERE received_ns >= ? AND received_ns < ?",
+                      [lo, hi]).fetchall()
+    return int(rows[0][0]) if rows else 0
 
 
 def _delete(db: duckdb.DuckDBPyConnection, statement: str, lo: int, hi: int,
             cut: int | None) -> int:
     if cut is None or cut <= lo:
         return 0
-    row = db.execute(statement, {"lo": lo, "hi": hi, "cut": cut}).fetchone()
-    return int(row[0]) if row is not None else 0
+    rows = db.execute(statement, {"lo": lo, "hi": hi, "cut": cut}).fetchall()
+    return int(rows[0][0]) if rows else 0
 
 
 def delete_window(
@@ -138,9 +140,9 @@ def delete_window(
 
 
 def _oldest(db: duckdb.DuckDBPyConnection, before: int) -> int | None:
-    row = db.execute("SELECT min(received_ns) FROM spans WHERE received_ns < ?",
-                     [before]).fetchone()
-    return None if row is None or row[0] is None else int(row[0])
+    rows = db.execute("SELECT min(received_ns) FROM spans WHERE received_ns < ?",
+                      [before]).fetchall()
+    return None if not rows or rows[0][0] is None else int(rows[0][0])
 
 
 async def apply(store: Store, policy: Policy, *, now: datetime) -> Deleted:
