@@ -353,7 +353,7 @@ class Server:
                     # /readyz turns ready again once the disk has room, without traffic.
                     last_probe = loop.time()
                     self.store.submit(lambda db: db.execute(
-                        "UPDATE schema_version SET version = version"))
+                        "UPDATE schema_version SET version = version").fetchall())
                 self.pipeline.tick()
             except Exception:
                 # One bad tick must not stop every later verdict.

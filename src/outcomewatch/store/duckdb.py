@@ -216,7 +216,7 @@ class Store(ServerReads):
         """One trivial write (the disk may have recovered since the last failure)."""
         try:
             self._apply([_Job(work=lambda db: db.execute(
-                "UPDATE schema_version SET version = version"))])
+                "UPDATE schema_version SET version = version").fetchall())])
         except Exception:
             return False
         return True
@@ -449,15 +449,18 @@ class Store(ServerReads):
     ) -> None:
         """Record a delivery attempt. Conditional on the row not being sent already, so a
         second worker (or a retry after a restart) never counts a delivery twice."""
+        # Every statement's result is fetched: a result left open on the writer's cursor is
+        # suspected of failing the next statement of the group commit ("connection has an
+        # unfinished result"), which is then retried job by job.
         if sent:
             await self.run(lambda db: db.execute(
                 "UPDATE outbox SET status = 'sent', sent_at = ?, attempts = attempts + 1, "
-                "last_error = NULL WHERE id = ? AND status <> 'sent'", [at, row_id]))
+                "last_error = NULL WHERE id = ? AND status <> 'sent'", [at, row_id]).fetchall())
         else:
             await self.run(lambda db: db.execute(
                 "UPDATE outbox SET status = 'failed', attempts = attempts + 1, last_error = ?, "
                 "next_attempt_at = ? WHERE id = ? AND status <> 'sent'",
-                [error, next_attempt_at or at, row_id]))
+                [error, next_attempt_at or at, row_id]).fetchall())
 
     def save_schedule_progress(self, progress: dict[str, datetime]) -> None:
         """Queue the progress; call it only once the failures of the slots it covers are
