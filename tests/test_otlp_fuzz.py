@@ -23,7 +23,8 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 
 from outcomewatch.errors import InvalidPayload
-from outcomewatch.otlp import SpanBatch, SpanLimits, batch_from_request, parse_protobuf
+from outcomewatch.otlp import SpanBatch, batch_from_request, parse_protobuf
+from outcomewatch.otlp_limits import SpanLimits
 from outcomewatch.receiver.otlp_json import parse_json
 
 CORPUS = Path(__file__).resolve().parent / "corpus" / "otlp"

@@ -8,10 +8,11 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 
-from outcomewatch import otlp
+from outcomewatch import otlp, otlp_limits
 from outcomewatch.errors import InvalidPayload
 from outcomewatch.model import SpanStatus, span_kind_name
-from outcomewatch.otlp import SpanLimits, batch_from_request, parse_protobuf
+from outcomewatch.otlp import batch_from_request, parse_protobuf
+from outcomewatch.otlp_limits import SpanLimits
 from outcomewatch.receiver import Limits
 from tests.spans import TRACE_ID, nested_value
 
@@ -232,7 +233,7 @@ def test_a_request_within_the_limits_decodes_no_attribute_value(monkeypatch):
     def refuse(*args: object) -> None:
         raise AssertionError("an attribute value was decoded")
 
-    monkeypatch.setattr(otlp, "_value_problem", refuse)
+    monkeypatch.setattr(otlp_limits, "_value_problem", refuse)
     spans = [span(n, **{f"a{k}": nested_value(k % 3) for k in range(10)}) for n in range(50)]
     batch = decode(request_of(*spans))
     assert (len(batch), batch.rejected) == (50, 0)

@@ -5,7 +5,8 @@ Decoding is split on purpose. ``batch_from_request`` reads only the scalar field
 are decoded per span, on demand (``SpanBatch.decode``), only for the few spans a rule or a read
 needs. Decoding every attribute of every span in Python would cap ingest near 50k spans/s
 (see shared/design/PERFORMANCE.md). The SpanLimits checks keep to that rule: see
-``batch_from_request``.
+``batch_from_request``; the exact, slow checks are in otlp_limits.py, the message types that
+read a request at C speed in otlp_probe.py.
 
 Values are named by representation: ``pb_span`` is a protobuf message, ``span`` a model.Span.
 """
@@ -24,49 +25,18 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 
 from outcomewatch.errors import InvalidPayload
 from outcomewatch.model import AttributeValue, Span, SpanEvent, SpanLink, SpanStatus
+from outcomewatch.otlp_limits import (
+    DEFAULT_LIMITS,
+    MAX_TIME_NS,
+    SPAN_KIND_MAX,
+    STATUS_CODE_MAX,
+    ZERO_SPAN,
+    ZERO_TRACE,
+    SpanLimits,
+    resource_problem,
+    span_problem,
+)
 from outcomewatch.otlp_probe import probe, raw_spans
-
-_ZERO_TRACE = bytes(16)
-_ZERO_SPAN = bytes(8)
-KiB = 1024
-# What the span columns hold (store/schema.py: BIGINT times, TINYINT kind and status code) and
-# the engine reads as datetimes; OTLP sends fixed64 times and int32 enums: checked per span.
-MAX_TIME_NS = 2**63 - 1  # 2262-04-11T23:47:16Z
-SPAN_KIND_MAX = 5  # SPAN_KIND_CONSUMER; OTLP defines 0 to 5
-STATUS_CODE_MAX = 2  # STATUS_CODE_ERROR; OTLP defines 0 to 2
-
-
-@dataclass(frozen=True, kw_only=True)
-class SpanLimits:
-    """What one span may hold. A span over any limit is rejected on its own (OTLP partial
-    success), the rest of its request accepted.
-
-    ``max_attribute_value_bytes`` bounds every string and bytes value (strings in UTF-8), and
-    every key, anywhere in the attributes of the span, its events, its links and its resource,
-    arrays and kvlists included. ``max_value_depth`` bounds AnyValue nesting: each array or
-    kvlist is one level, so ``[1]`` is 1 deep and ``[[1]]`` 2. ``max_attributes_per_span`` also
-    bounds the resource's attributes (a resource over a limit rejects all its spans); the
-    attributes of events and links are not counted (only their sizes and depths are bounded).
-    """
-
-    max_attributes_per_span: int = 128
-    max_attribute_value_bytes: int = 64 * KiB
-    max_value_depth: int = 8
-    max_events_per_span: int = 128
-    max_links_per_span: int = 128
-
-    def __post_init__(self) -> None:
-        # Fail fast: a zero or negative limit would refuse every request, silently. Covers the
-        # fields of subclasses too (receiver.Limits).
-        for limit in fields(self):
-            value = getattr(self, limit.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(
-                    f"{type(self).__name__}.{limit.name} must be a positive int, got {value!r}"
-                )
-
-
-DEFAULT_LIMITS = SpanLimits()
 
 
 def any_value(pb_value: AnyValue) -> AttributeValue:
@@ -179,113 +149,6 @@ class SpanBatch:
                 setattr(self, column.name, [values[k] for k in indices])
 
 
-# -- limits: what is checked, and how cheaply -------------------------------------------------
-
-
-def _id_problem(pb_span: PbSpan) -> str | None:
-    if len(pb_span.trace_id) != 16:
-        return f"trace_id must be 16 bytes, got {len(pb_span.trace_id)}"
-    if pb_span.trace_id == _ZERO_TRACE:
-        return "trace_id must not be all zeros"
-    if len(pb_span.span_id) != 8:
-        return f"span_id must be 8 bytes, got {len(pb_span.span_id)}"
-    if pb_span.span_id == _ZERO_SPAN:
-        return "span_id must not be all zeros"
-    if len(pb_span.parent_span_id) not in (0, 8):
-        return f"parent_span_id must be empty or 8 bytes, got {len(pb_span.parent_span_id)}"
-    return None
-
-
-def _quote(key: str) -> str:
-    return repr(key if len(key) <= 40 else key[:40] + "...")
-
-
-def _size_problem(what: str, size: int, limits: SpanLimits) -> str | None:
-    if size > limits.max_attribute_value_bytes:
-        return f": {what} of {size} bytes, limit {limits.max_attribute_value_bytes}"
-    return None
-
-
-def _attributes_problem(
-    pb_attributes: Iterable[KeyValue], limits: SpanLimits, depth: int = 0
-) -> str | None:
-    """The first key or value over a limit, as a path suffix and a reason, e.g.
-    ``['a'][2]: value of 70000 bytes, limit 65536``; None if all are within the limits."""
-    for kv in pb_attributes:
-        problem = _size_problem("key", len(kv.key.encode()), limits) or _value_problem(
-            kv.value, limits, depth
-        )
-        if problem is not None:
-            return f"[{_quote(kv.key)}]{problem}"
-    return None
-
-
-def _value_problem(pb_value: AnyValue, limits: SpanLimits, depth: int) -> str | None:
-    kind = pb_value.WhichOneof("value")
-    if kind == "string_value":
-        return _size_problem("value", len(pb_value.string_value.encode()), limits)
-    if kind == "bytes_value":
-        return _size_problem("value", len(pb_value.bytes_value), limits)
-    if kind not in ("array_value", "kvlist_value"):
-        return None
-    if depth >= limits.max_value_depth:
-        return f": value nested deeper than {limits.max_value_depth} levels (the limit)"
-    if kind == "kvlist_value":
-        return _attributes_problem(pb_value.kvlist_value.values, limits, depth + 1)
-    for k, pb_item in enumerate(pb_value.array_value.values):
-        problem = _value_problem(pb_item, limits, depth + 1)
-        if problem is not None:
-            return f"[{k}]{problem}"
-    return None
-
-
-def _scalar_problem(pb_span: PbSpan) -> str | None:
-    """A time, kind or status code outside what OTLP defines or the span columns hold."""
-    for what, ns in (("start_time_unix_nano", pb_span.start_time_unix_nano),
-                     ("end_time_unix_nano", pb_span.end_time_unix_nano)):
-        if ns > MAX_TIME_NS:
-            return f"{what} {ns} is past 2^63-1 ns (2262-04-11), the latest time accepted"
-    kind, code = pb_span.kind, pb_span.status.code
-    if not 0 <= kind <= SPAN_KIND_MAX:
-        return f"kind {kind} is not an OTLP SpanKind (0 to {SPAN_KIND_MAX})"
-    return None if 0 <= code <= STATUS_CODE_MAX else (
-        f"status.code {code} is not an OTLP StatusCode (0 to {STATUS_CODE_MAX})")
-
-
-def _span_problem(pb_span: PbSpan, limits: SpanLimits) -> str | None:
-    """Why ``pb_span`` is rejected, or None. Slow: walks every value."""
-    problem = _id_problem(pb_span) or _scalar_problem(pb_span)
-    if problem is not None:
-        return problem
-    for what, count, limit in (
-        ("attributes", len(pb_span.attributes), limits.max_attributes_per_span),
-        ("events", len(pb_span.events), limits.max_events_per_span),
-        ("links", len(pb_span.links), limits.max_links_per_span),
-    ):
-        if count > limit:
-            return f"{count} {what}, limit {limit}"
-    located = [("attributes", pb_span.attributes)]
-    located += [(f"events[{k}].attributes", e.attributes) for k, e in enumerate(pb_span.events)]
-    located += [(f"links[{k}].attributes", x.attributes) for k, x in enumerate(pb_span.links)]
-    for where, pb_attributes in located:
-        problem = _attributes_problem(pb_attributes, limits)
-        if problem is not None:
-            return where + problem
-    return None
-
-
-def _resource_problem(pb_resource: Resource, raw: bytes, limits: SpanLimits) -> str | None:
-    count = len(pb_resource.attributes)
-    if count > limits.max_attributes_per_span:
-        return f"{count} attributes, limit {limits.max_attributes_per_span}"
-    if (len(raw) > limits.max_attribute_value_bytes
-            or probe(raw, limits.max_value_depth, resource=True) is None):
-        problem = _attributes_problem(pb_resource.attributes, limits)
-        if problem is not None:
-            return "attributes" + problem
-    return None
-
-
 def _recheck(
     batch: SpanBatch, request: ExportTraceServiceRequest, limits: SpanLimits, *, deep: bool,
     skipped: set[tuple[int, ...]],
@@ -311,7 +174,7 @@ def _recheck(
                 if not too_many and not deep:
                     continue
                 if too_many or probe(batch.raw[k], limits.max_value_depth) is None:
-                    problem = _span_problem(pb_span, limits)
+                    problem = span_problem(pb_span, limits)
                     if problem is not None:
                         rejected.append(k)
                         batch.problems.append(
@@ -348,8 +211,8 @@ def _read_columns(batch: SpanBatch, pb_spans: list[PbSpan], raws: list[bytes], s
     codes = [status.code for status in statuses]
     distinct_traces = set(trace_ids)
     if not (
-        {len(t) for t in distinct_traces} == {16} and _ZERO_TRACE not in distinct_traces
-        and set(map(len, span_ids)) == {8} and _ZERO_SPAN not in span_ids
+        {len(t) for t in distinct_traces} == {16} and ZERO_TRACE not in distinct_traces
+        and set(map(len, span_ids)) == {8} and ZERO_SPAN not in span_ids
         and set(map(len, parent_ids)) <= {0, 8}
         and max(map(len, raws)) <= limits.max_attribute_value_bytes
         and max(starts) <= MAX_TIME_NS and max(ends) <= MAX_TIME_NS
@@ -389,15 +252,15 @@ def _read_one_by_one(
         trace_id, span_id, status = pb_span.trace_id, pb_span.span_id, pb_span.status
         kind, code = pb_span.kind, status.code
         cheap_check_fails = (
-            len(trace_id) != 16 or trace_id == _ZERO_TRACE or len(span_id) != 8
-            or span_id == _ZERO_SPAN or len(pb_span.parent_span_id) not in (0, 8)
+            len(trace_id) != 16 or trace_id == ZERO_TRACE or len(span_id) != 8
+            or span_id == ZERO_SPAN or len(pb_span.parent_span_id) not in (0, 8)
             or len(raws[i]) > limits.max_attribute_value_bytes
             or len(pb_span.attributes) > limits.max_attributes_per_span
             or pb_span.start_time_unix_nano > MAX_TIME_NS
             or pb_span.end_time_unix_nano > MAX_TIME_NS
             or not 0 <= kind <= SPAN_KIND_MAX or not 0 <= code <= STATUS_CODE_MAX
         )
-        problem = _span_problem(pb_span, limits) if cheap_check_fails else None
+        problem = span_problem(pb_span, limits) if cheap_check_fails else None
         if problem is not None:
             batch.rejected += 1
             batch.problems.append(f"resource_spans[{r}].scope_spans[{s}].spans[{i}]: {problem}")
@@ -451,7 +314,7 @@ def batch_from_request(
     as_sent = raw_spans(body) if body is not None else None
     for r, pb_resource_spans in enumerate(request.resource_spans):
         raw_resource = pb_resource_spans.resource.SerializeToString()
-        problem = _resource_problem(pb_resource_spans.resource, raw_resource, limits)
+        problem = resource_problem(pb_resource_spans.resource, raw_resource, limits)
         if problem is not None:
             # Checked before the resource is decoded: that is done in Python, in full.
             count = sum(len(pb_scope_spans.spans) for pb_scope_spans in

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 with atheris.instrument_imports():
     from outcomewatch.errors import InvalidPayload
-    from outcomewatch.otlp import SpanLimits, batch_from_request, parse_protobuf
+    from outcomewatch.otlp import batch_from_request, parse_protobuf
+    from outcomewatch.otlp_limits import SpanLimits
     from outcomewatch.receiver.otlp_json import parse_json
 
 TINY = SpanLimits(max_attributes_per_span=2, max_attribute_value_bytes=8, max_value_depth=1,

@@ -11,7 +11,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from outcomewatch.errors import InvalidPayload, Overloaded, PayloadTooLarge, StoreError
-from outcomewatch.otlp import SpanBatch, SpanLimits
+from outcomewatch.otlp import SpanBatch
+from outcomewatch.otlp_limits import SpanLimits
 
 logger = logging.getLogger("outcomewatch.receiver")
 
