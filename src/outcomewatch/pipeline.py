@@ -18,7 +18,6 @@ the incident file is built from the stored trace when it is read.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
@@ -192,9 +191,8 @@ class Pipeline:
             all_since = since - idle
             names = self.engine.interesting(await asyncio.to_thread(
                 self.writer.span_names, since - window, all_since))
-        rows = await asyncio.to_thread(
-            functools.partial(self.writer.recovery_spans, since - window,
-                              all_since_ns=all_since, names=names))
+        rows = await asyncio.to_thread(self.writer.recovery_spans, since - window,
+                                       all_since_ns=all_since, names=names)
         if not rows:
             return
         decided = await asyncio.to_thread(

@@ -53,6 +53,7 @@ from outcomewatch.offline.drive import (
 )
 from outcomewatch.otlp import batch_from_request
 from outcomewatch.rules import RuleSet, load_rules
+from outcomewatch.store import traces
 
 FETCH_ROWS = 20_000
 TOUCH_SPAN_ID = b"\xff" * 8
@@ -104,15 +105,6 @@ class _Feed:
     def __init__(self, conn: duckdb.DuckDBPyConnection, touch_name: str | None) -> None:
         self._conn = conn
         self._touch_name = touch_name
-        self._resources: dict[int, bytes] = {}
-
-    def _resource(self, resource_id: int) -> bytes:
-        raw = self._resources.get(resource_id)
-        if raw is None:
-            row = self._conn.execute("SELECT resource FROM resources WHERE id = ?",
-                                     [resource_id]).fetchone()
-            raw = self._resources[resource_id] = bytes(row[0]) if row is not None else b""
-        return raw
 
     def requests(
         self, candidates: Iterator[tuple[Any, ...]], touches: Iterator[tuple[Any, ...]],
@@ -129,7 +121,8 @@ class _Feed:
                 _, raw, scope, resource_id = cand
                 if (resource_id, scope) != last_key or resource_spans is None:
                     resource_spans = request.resource_spans.add()
-                    resource_spans.resource.ParseFromString(self._resource(resource_id))
+                    resource_spans.resource.ParseFromString(
+                        traces.resource_bytes(self._conn, resource_id))
                     resource_spans.scope_spans.add().scope.name = scope
                     last_key = (resource_id, scope)
                 resource_spans.scope_spans[0].spans.add().ParseFromString(bytes(raw))

@@ -101,11 +101,12 @@ def windows(cur: duckdb.DuckDBPyConnection, trace_id: str) -> list[tuple[int, in
     return [(int(lo), int(hi)), (tail, _MAX_NS)]
 
 
-def _resource(cur: duckdb.DuckDBPyConnection, resource_id: int) -> bytes:
+def resource_bytes(cur: duckdb.DuckDBPyConnection, resource_id: int) -> bytes:
+    """The stored Resource of ``resource_id`` (b"", an empty resource, if none is stored)."""
     raw = _resources.get(resource_id)
     if raw is None:
-        [(raw,)] = cur.execute(_RESOURCE, [resource_id]).fetchall()
-        raw = bytes(raw)
+        rows = cur.execute(_RESOURCE, [resource_id]).fetchall()
+        raw = bytes(rows[0][0]) if rows else b""
         if len(_resources) >= _MAX_CACHED_RESOURCES:
             _resources.clear()
         _resources[resource_id] = raw
@@ -137,4 +138,4 @@ def span_rows(
         rows = [r for r in rows if (r[3], r[4]) > after]
     if limit is not None:
         rows = rows[:limit]
-    return [(r[0], _resource(cur, r[1]), r[2], r[3], r[4]) for r in rows]
+    return [(r[0], resource_bytes(cur, r[1]), r[2], r[3], r[4]) for r in rows]
