@@ -66,6 +66,16 @@ def _positive_int_arg(text: str) -> int:
     return int(text)
 
 
+def _workers_arg(text: str) -> int:
+    from outcomewatch.receiver.decode_pool import auto_workers
+
+    if text == "auto":
+        return auto_workers()
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of workers, got {text!r}")
+    return int(text)
+
+
 _SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([kmgt]i?)?b?", re.IGNORECASE)
 _UNIT = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
@@ -160,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=_positive_int_arg, default=1024, metavar="N",
                        help="exports queued for the database before new ones are refused with "
                             "UNAVAILABLE / 503 + Retry-After (default 1024)")
+    serve.add_argument("--decode-workers", type=_workers_arg, default="auto", metavar="N",
+                       help="processes that decode OTLP/protobuf exports beside the server's "
+                            "own; 0 decodes in the server's process (default auto: one per CPU "
+                            "beyond the first, at most 4)")
     serve.add_argument("--retention", type=_retention_arg, default=timedelta(days=14),
                        metavar="DURATION",
                        help="keep spans of traces whose runs all passed (or that opened none) "
@@ -283,6 +297,7 @@ def _serve(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         max_queue=args.max_queue,
+        decode_workers=args.decode_workers,
         retention=args.retention,
         evidence_retention=args.evidence_retention,
         retention_interval=args.retention_interval,

@@ -14,9 +14,11 @@ Values are named by representation: ``pb_span`` is a protobuf message, ``span`` 
 from __future__ import annotations
 
 import base64
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 
+import pyarrow as pa
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
@@ -93,6 +95,21 @@ def decode_stored_span(raw: bytes, raw_resource: bytes, *, scope: str = "") -> S
     return decode_span(PbSpan.FromString(raw), attributes(resource.attributes), scope=scope)
 
 
+# A span as the store keeps it: the columns of the spans table (store/schema.py), in order.
+SPAN_COLUMNS = pa.schema([
+    ("trace_id", pa.string()), ("span_id", pa.string()), ("parent_span_id", pa.string()),
+    ("name", pa.string()), ("service", pa.string()), ("scope", pa.string()),
+    ("kind", pa.int8()), ("start_ns", pa.int64()), ("end_ns", pa.int64()),
+    ("status_code", pa.int8()), ("status_message", pa.string()), ("received_ns", pa.int64()),
+    ("span", pa.binary()), ("resource_id", pa.int64()),
+])
+
+
+def resource_id(raw_resource: bytes) -> int:
+    """A stable 63-bit id for a serialised resource (the same bytes, the same id, any process)."""
+    return int.from_bytes(hashlib.blake2b(raw_resource, digest_size=8).digest(), "big") >> 1
+
+
 @dataclass
 class SpanBatch:
     """The accepted spans of one export request, column by column.
@@ -100,6 +117,11 @@ class SpanBatch:
     Columns hold only what is cheap to read for every span. ``raw`` is each span's own protobuf
     bytes (attributes, events, links inside) and ``raw_resource`` its resource's; both are what
     the store keeps. ``decode(i)`` builds the full model.Span of span ``i`` on demand.
+
+    A batch has one of two forms. As ``batch_from_request`` makes it, every list is filled. As
+    a decode worker sends it (``to_wire`` / ``from_wire``, see receiver/decode_pool.py), only
+    ``trace_id`` and ``name`` are lists (what the engine and the trace index read per span):
+    the rest is in ``table()``, the spans as rows of the store, already built.
     """
 
     received_ns: int
@@ -121,16 +143,83 @@ class SpanBatch:
     _pb_spans: list[PbSpan] = field(default_factory=list, repr=False)
     _resource_of: list[int] = field(default_factory=list, repr=False)
     _resources: list[dict[str, AttributeValue]] = field(default_factory=list, repr=False)
+    _table: pa.Table | None = field(default=None, repr=False)
+    _raw_resources: dict[int, bytes] = field(default_factory=dict, repr=False)  # by id
+    _linked: frozenset[int] | None = field(default=None, repr=False)
+    _decoded_resources: dict[int, dict[str, AttributeValue]] = field(
+        default_factory=dict, repr=False)
 
     def __len__(self) -> int:
-        return len(self.span_id)
+        return len(self.trace_id)
 
     def decode(self, i: int) -> Span:
-        return decode_span(self._pb_spans[i], self._resources[self._resource_of[i]],
-                           scope=self.scope[i])
+        if self._table is None:
+            return decode_span(self._pb_spans[i], self._resources[self._resource_of[i]],
+                               scope=self.scope[i])
+        table = self._table
+        rid = table.column("resource_id")[i].as_py()
+        resource = self._decoded_resources.get(rid)
+        if resource is None:
+            raw_resource = self._raw_resources[rid]
+            pb_resource = Resource.FromString(raw_resource) if raw_resource else Resource()
+            resource = self._decoded_resources[rid] = attributes(pb_resource.attributes)
+        return decode_span(PbSpan.FromString(table.column("span")[i].as_py()), resource,
+                           scope=table.column("scope")[i].as_py())
 
-    def resource(self, i: int) -> dict[str, AttributeValue]:
-        return self._resources[self._resource_of[i]]
+    def linked(self) -> frozenset[int]:
+        """The positions of the spans that carry links (to other traces, or their own)."""
+        if self._linked is None:
+            self._linked = frozenset(i for i, pb_span in enumerate(self._pb_spans)
+                                     if pb_span.links)
+        return self._linked
+
+    def link_targets(self, i: int) -> list[str]:
+        """The trace ids span ``i`` links to, read without decoding its attributes."""
+        if self._table is None:
+            return [link.trace_id.hex() for link in self._pb_spans[i].links]
+        return [link.trace_id for link in self.decode(i).links]
+
+    def resources(self) -> dict[int, bytes]:
+        """The serialised resources of the batch's spans, by ``resource_id``."""
+        if not self._raw_resources:
+            self._raw_resources = {resource_id(raw): raw for raw in set(self.raw_resource)}
+        return self._raw_resources
+
+    def table(self) -> pa.Table:
+        """The spans as rows of the store's spans table (SPAN_COLUMNS), built once."""
+        if self._table is None:
+            ids = {raw: i for i, raw in self.resources().items()}
+            self._table = pa.Table.from_arrays(
+                [
+                    self.trace_id, self.span_id, self.parent_span_id, self.name, self.service,
+                    self.scope, self.kind, self.start_ns, self.end_ns, self.status_code,
+                    self.status_message,
+                    pa.repeat(pa.scalar(self.received_ns, pa.int64()), len(self)), self.raw,
+                    # The spans of one resource share one bytes object: identity hits.
+                    [ids[raw] for raw in self.raw_resource],
+                ],
+                schema=SPAN_COLUMNS,
+            )
+        return self._table
+
+    def to_wire(self) -> WireBatch:
+        """What a decode worker sends back: the table as Arrow IPC (one buffer copy, no
+        per-span pickling) and the little that is not in it."""
+        sink = pa.BufferOutputStream()
+        table = self.table()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        return WireBatch(sink.getvalue().to_pybytes(), self.received_ns, self.rejected,
+                         self.problems, self.resources(), sorted(self.linked()))
+
+    @classmethod
+    def from_wire(cls, wire: WireBatch) -> SpanBatch:
+        table = pa.ipc.open_stream(wire.table).read_all()
+        return cls(
+            received_ns=wire.received_ns, rejected=wire.rejected, problems=wire.problems,
+            trace_id=table.column("trace_id").to_pylist(), name=table.column("name").to_pylist(),
+            _table=table, _raw_resources=wire.resources, _linked=frozenset(wire.linked),
+        )
 
     @property
     def rejection_message(self) -> str:
@@ -147,6 +236,18 @@ class SpanBatch:
             values = getattr(self, column.name)
             if isinstance(values, list) and column.name not in ("problems", "_resources"):
                 setattr(self, column.name, [values[k] for k in indices])
+
+
+@dataclass(frozen=True)
+class WireBatch:
+    """A SpanBatch in transit between processes (see SpanBatch.to_wire)."""
+
+    table: bytes  # Arrow IPC stream of SPAN_COLUMNS rows
+    received_ns: int
+    rejected: int
+    problems: list[str]
+    resources: dict[int, bytes]
+    linked: list[int]
 
 
 def _recheck(

@@ -33,6 +33,7 @@ from outcomewatch.offline.replay import ReplayReport, backtest, replay_on
 from outcomewatch.offline.suggest import suggest
 from outcomewatch.otlp import SpanBatch
 from outcomewatch.pipeline import Pipeline
+from outcomewatch.receiver.decode_pool import DecodePool
 from outcomewatch.receiver.grpc import start_grpc_receiver
 from outcomewatch.receiver.http import create_http_receiver
 from outcomewatch.receiver.limits import Limits
@@ -72,6 +73,7 @@ class Settings:
     tls_cert: str | None = None  # PEM certificate chain: TLS on all three listeners
     tls_key: str | None = None  # PEM private key for tls_cert
     max_queue: int = 1024  # span jobs queued for the writer before exports get UNAVAILABLE
+    decode_workers: int = 0  # processes decoding OTLP/protobuf (receiver/decode_pool.py)
     retention: timedelta | None = timedelta(days=14)  # spans of passed / run-less traces
     evidence_retention: timedelta | None = timedelta(days=90)  # spans of failed runs' traces
     retention_interval: timedelta = timedelta(minutes=10)  # how often retention runs
@@ -93,6 +95,7 @@ class Server:
         self.engine = self._new_engine({})
         self.store: Store | None = None
         self.pipeline: Pipeline | None = None
+        self.decoder: DecodePool | None = None
         self.grpc_port = 0
         self.http_port = 0
         self.api_port = 0
@@ -142,14 +145,16 @@ class Server:
         self.pipeline = Pipeline(self.engine, store, rules=lambda: self.source.rules,
                                  notify=self.notify, metrics=self.metrics, clock=self.clock)
         await self.pipeline.recover(self.settings.trace_idle)
+        self.decoder = DecodePool(self.settings.decode_workers, self.settings.limits)
+        await self.decoder.start()
         self._grpc, self.grpc_port = await start_grpc_receiver(
             self._ingest_from("grpc"), host=self.settings.grpc.host, port=self.settings.grpc.port,
             limits=self.settings.limits, token=self.settings.otlp_token, tls=self._tls_pair(),
-            on_refused=self._refused_on("grpc"),
+            on_refused=self._refused_on("grpc"), decoder=self.decoder,
         )
         http_app = create_http_receiver(self._ingest_from("http"), limits=self.settings.limits,
                                         token=self.settings.otlp_token,
-                                        on_refused=self._refused_on("http"))
+                                        on_refused=self._refused_on("http"), decoder=self.decoder)
         api_app = create_app(
             Reader(store.conn, trace_idle=self.settings.trace_idle),
             ready=lambda: self._ready and store.healthy, actions=self._act,
@@ -302,6 +307,8 @@ class Server:
             await asyncio.gather(*self._serving, return_exceptions=True)
         if self._notifier is not None:
             await self._notifier.aclose()
+        if self.decoder is not None:
+            await asyncio.to_thread(self.decoder.close)
         if self.pipeline is not None:
             self.pipeline.flush()  # decided but not yet queued: stored before the file closes
         if self.store is not None:

@@ -20,17 +20,10 @@ from typing import TypeVar
 
 from outcomewatch.analyzer.runs import CorrelationKey, Expect, Kept, OpenRun, SpanKey
 from outcomewatch.model import Span
-from outcomewatch.otlp import SpanBatch
 
 PoolKey = tuple[str, str, Hashable]  # ("values", rule, values) or ("trace", trace id, None)
 Candidates = list[tuple[Expect, Span]]
 _K = TypeVar("_K", bound=Hashable)
-
-
-def link_targets(batch: SpanBatch, i: int) -> list[str]:
-    """The trace ids span ``i`` of ``batch`` links to, read without decoding its attributes
-    (SpanBatch has no public accessor for this yet)."""
-    return [link.trace_id.hex() for link in batch._pb_spans[i].links]
 
 
 @dataclass(eq=False, slots=True)

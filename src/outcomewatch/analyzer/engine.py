@@ -83,7 +83,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 
-from outcomewatch.analyzer.correlate import Correlation, link_targets
+from outcomewatch.analyzer.correlate import Correlation
 from outcomewatch.analyzer.late import LateOutcomes
 from outcomewatch.analyzer.runs import (
     MAX_AT_RISK,
@@ -244,12 +244,12 @@ class Engine:
                 trace.last_seen = now
                 trace.last_received_ns = max(trace.last_received_ns, batch.received_ns)
         interest_of = self._interest.get
-        links = self._correlation is not None
+        linked = batch.linked() if self._correlation is not None else frozenset()
         for i, name in enumerate(batch.name):
             interest = interest_of(name) or self._interest_in(name)
             if interest is NO_INTEREST:
-                if links and batch._pb_spans[i].links:
-                    self._link(batch.trace_id[i], link_targets(batch, i), now, events)
+                if i in linked:
+                    self._link(batch.trace_id[i], batch.link_targets(i), now, events)
                 continue
             self._observe_span(batch.decode(i), interest, batch.received_ns, now, events)
         self._enforce_budget(now, events)

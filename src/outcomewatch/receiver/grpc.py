@@ -30,9 +30,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from outcomewatch import otlp
 from outcomewatch.errors import InvalidPayload, Overloaded, StoreError
 from outcomewatch.receiver.auth import authorized, check_token
+from outcomewatch.receiver.decode_pool import DecodePool
 from outcomewatch.receiver.limits import (
     Limits,
     Sink,
@@ -80,13 +80,13 @@ _REASONS = {
 
 class _TraceService:
     def __init__(
-        self, sink: Sink, clock_ns: Callable[[], int], limits: Limits, token: str | None,
+        self, sink: Sink, clock_ns: Callable[[], int], decoder: DecodePool, token: str | None,
         on_refused: Callable[[str], None],
     ) -> None:
         self._on_refused = on_refused
         self._sink = sink
         self._clock_ns = clock_ns
-        self._limits = limits
+        self._decoder = decoder
         self._token = token
 
     async def export(
@@ -110,10 +110,7 @@ class _TraceService:
     async def _accept(self, request: bytes) -> ExportTraceServiceResponse | _Refusal:
         """Decode, hand to the sink, and build the response, or say why the export is refused."""
         try:
-            batch = otlp.batch_from_request(
-                otlp.parse_protobuf(request), received_ns=self._clock_ns(), limits=self._limits,
-                body=request,
-            )
+            batch = await self._decoder.decode(request, self._clock_ns())
             if len(batch):
                 await self._sink(batch)
         except InvalidPayload as exc:
@@ -182,13 +179,15 @@ async def start_grpc_receiver(
     token: str | None = None,
     tls: tuple[bytes, bytes] | None = None,
     on_refused: Callable[[str], None] = lambda reason: None,
+    decoder: DecodePool | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Start an OTLP/gRPC trace receiver on the running asyncio loop.
 
     Returns the started server (stop it with ``await server.stop(grace)``) and the port bound,
     which is a free one when ``port`` is 0. Raises OSError when the address cannot be bound,
     ValueError for a ``token`` no client could send. With a ``token``, exports without the
-    metadata ``authorization: Bearer <token>`` are refused with UNAUTHENTICATED.
+    metadata ``authorization: Bearer <token>`` are refused with UNAUTHENTICATED. Requests are
+    decoded by ``decoder`` (default: in this process, within ``limits``).
     """
     check_token(token)
     server = grpc.aio.server(
@@ -199,7 +198,7 @@ async def start_grpc_receiver(
             ("grpc.so_reuseport", 0),
         ]
     )
-    service = _TraceService(sink, clock_ns, limits, token, on_refused)
+    service = _TraceService(sink, clock_ns, decoder or DecodePool(0, limits), token, on_refused)
     handler = grpc.method_handlers_generic_handler(
         SERVICE,
         {

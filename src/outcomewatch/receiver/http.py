@@ -36,6 +36,7 @@ from starlette.routing import Route
 from outcomewatch import otlp
 from outcomewatch.errors import InvalidPayload, Overloaded, PayloadTooLarge, StoreError
 from outcomewatch.receiver.auth import authorized, check_token
+from outcomewatch.receiver.decode_pool import DecodePool
 from outcomewatch.receiver.limits import (
     WBITS,
     BoundedInflater,
@@ -138,6 +139,7 @@ def create_http_receiver(
     clock_ns: Callable[[], int] = time.time_ns,
     token: str | None = None,
     on_refused: Callable[[str], None] = lambda reason: None,
+    decoder: DecodePool | None = None,
 ) -> Starlette:
     """An ASGI app serving OTLP/HTTP ``POST /v1/traces``; every other path is a 404.
 
@@ -145,9 +147,11 @@ def create_http_receiver(
     for a malformed request, 401 without the bearer ``token`` (when one is set), 413 over a
     size limit, 415 for an unsupported Content-Type or Content-Encoding, 503 with Retry-After
     when the sink raises Overloaded or StoreError. Raises ValueError for a ``token`` no client
-    could send.
+    could send. Protobuf bodies are decoded by ``decoder`` (default: in this process, within
+    ``limits``); JSON ones in this process.
     """
     check_token(token)
+    decoder = decoder or DecodePool(0, limits)
 
     async def export_traces(request: Request) -> Response:
         content_type = request.headers.get("content-type", "")
@@ -172,10 +176,11 @@ def create_http_receiver(
             )
         try:
             body = await _read_body(request, encoding, limits)
-            batch = otlp.batch_from_request(
-                fmt.parse(body), received_ns=clock_ns(), limits=limits,
-                body=body if fmt.parse is otlp.parse_protobuf else None,
-            )
+            if fmt.parse is otlp.parse_protobuf:
+                batch = await decoder.decode(body, clock_ns())
+            else:
+                batch = otlp.batch_from_request(fmt.parse(body), received_ns=clock_ns(),
+                                                limits=limits)
             if len(batch):
                 await sink(batch)
         except PayloadTooLarge as exc:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import queue
 import threading
@@ -35,14 +34,6 @@ from outcomewatch.store.server_reads import ServerReads
 from outcomewatch.store.verdicts import VerdictBatch
 
 log = logging.getLogger(__name__)
-
-_SPAN_SCHEMA = pa.schema([
-    ("trace_id", pa.string()), ("span_id", pa.string()), ("parent_span_id", pa.string()),
-    ("name", pa.string()), ("service", pa.string()), ("scope", pa.string()),
-    ("kind", pa.int8()), ("start_ns", pa.int64()), ("end_ns", pa.int64()),
-    ("status_code", pa.int8()), ("status_message", pa.string()), ("received_ns", pa.int64()),
-    ("span", pa.binary()), ("resource_id", pa.int64()),
-])
 
 _RESOURCE_SCHEMA = pa.schema([("id", pa.int64()), ("resource", pa.binary())])
 
@@ -402,37 +393,23 @@ class Store(ServerReads):
         return results
 
     def _insert_spans(self, batches: list[SpanBatch]) -> None:
-        # The spans of one resource share one bytes object, so this dict is a handful of entries
-        # and each lookup an identity hit.
-        resource_ids: dict[bytes, int] = {}
+        new: dict[int, bytes] = {}
         for batch in batches:
-            for raw_resource in set(batch.raw_resource):
-                if raw_resource not in resource_ids:
-                    resource_ids[raw_resource] = resource_id(raw_resource)
-        new = [(i, raw) for raw, i in resource_ids.items() if i not in self._known_resources]
+            for i, raw in batch.resources().items():
+                if i not in self._known_resources:
+                    new[i] = raw
         if new:
-            resources = pa.Table.from_arrays(
-                [[i for i, _ in new], [raw for _, raw in new]], schema=_RESOURCE_SCHEMA)
+            resources = pa.Table.from_arrays([list(new), list(new.values())],
+                                             schema=_RESOURCE_SCHEMA)
             self._writer.register("incoming_resources", resources)
             try:
                 self._writer.execute(
                     "INSERT INTO resources SELECT * FROM incoming_resources ON CONFLICT DO NOTHING")
             finally:
                 self._writer.unregister("incoming_resources")
-        # One Arrow table per batch straight from its column lists (converted in C), concatenated
-        # without a copy: no Python loop over the spans of the group.
-        incoming = pa.concat_tables([
-            pa.Table.from_arrays(
-                [
-                    b.trace_id, b.span_id, b.parent_span_id, b.name, b.service, b.scope, b.kind,
-                    b.start_ns, b.end_ns, b.status_code, b.status_message,
-                    pa.repeat(pa.scalar(b.received_ns, pa.int64()), len(b)), b.raw,
-                    [resource_ids[r] for r in b.raw_resource],
-                ],
-                schema=_SPAN_SCHEMA,
-            )
-            for b in batches
-        ])
+        # One Arrow table per batch (built from its column lists in C, or already built by a
+        # decode worker), concatenated without a copy: no Python loop over the spans.
+        incoming = pa.concat_tables([b.table() for b in batches])
         self._writer.register("incoming_spans", incoming)
         try:
             self._writer.execute("INSERT INTO spans SELECT * FROM incoming_spans")
@@ -446,7 +423,7 @@ class Store(ServerReads):
         # the whole set, so a resource row is never assumed that was not stored.
         if len(self._known_resources) > _MAX_KNOWN_RESOURCES:
             self._known_resources.clear()
-        self._known_resources.update(i for i, _ in new)
+        self._known_resources.update(new)
 
     # -- the notification outbox (see incidents/notify.py) --------------------------------
 
@@ -480,10 +457,6 @@ class Store(ServerReads):
 
         if progress:
             self.submit(save)
-
-def resource_id(raw_resource: bytes) -> int:
-    """A stable 63-bit id for a serialised resource (the same bytes, the same id, any process)."""
-    return int.from_bytes(hashlib.blake2b(raw_resource, digest_size=8).digest(), "big") >> 1
 
 
 def _settle(future: asyncio.Future[object], result: object) -> None:
