@@ -120,10 +120,11 @@ def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
 def running_server(
     tmp_path: Path, *, rules: list[Path] | None = None, trace_idle: timedelta = TRACE_IDLE,
     config: Path | None = None, api_token: str | None = None, clock: ManualClock | None = None,
-    max_live_traces: int | None = None,
+    max_live_traces: int | None = None, decode_workers: int = 0,
 ) -> Iterator[RunningServer]:
     settings = Settings(
         max_live_traces=max_live_traces,
+        decode_workers=decode_workers,
         rules=tuple(str(p) for p in (rules or [EXAMPLE_RULES])),
         db=str(tmp_path / "outcomewatch.duckdb"),
         grpc=Address("127.0.0.1", 0),

@@ -77,3 +77,17 @@ def test_every_listener_binds_to_loopback_unless_told_otherwise():
         ("127.0.0.1", 4317), ("127.0.0.1", 4318), ("127.0.0.1", 8080)]
     explicit = build_parser().parse_args(["serve", "--grpc", "0.0.0.0:4317"])
     assert explicit.grpc == ("0.0.0.0", 4317)
+
+
+def test_decode_workers_default_to_one_per_cpu_beyond_the_first(capsys):
+    from outcomewatch.receiver.decode_pool import auto_workers
+
+    assert build_parser().parse_args(["serve"]).decode_workers == auto_workers()
+    assert build_parser().parse_args(["serve", "--decode-workers", "0"]).decode_workers == 0
+    try:
+        build_parser().parse_args(["serve", "--decode-workers", "many"])
+    except SystemExit as exc:
+        assert exc.code == 2
+    else:
+        raise AssertionError("--decode-workers many was accepted")
+    assert "expected 'auto' or a number of workers, got 'many'" in capsys.readouterr().err

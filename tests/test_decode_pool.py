@@ -1,0 +1,149 @@
+"""Decode workers (receiver/decode_pool.py): the batch a worker sends back is the batch the
+server's process would have made, a dead worker costs no export, and a server decoding in a
+worker stores spans and decides runs as one decoding in-process does (real exporters)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.trace import Status, StatusCode
+
+from outcomewatch.errors import InvalidPayload
+from outcomewatch.otlp import SpanBatch
+from outcomewatch.otlp_limits import SpanLimits
+from outcomewatch.receiver.decode_pool import DecodePool, auto_workers, decode_here
+from tests.harness import RunningServer, running_server, trace_id_of
+from tests.spans import TRACE_ID, raw_request
+
+LIMITS = SpanLimits(max_attributes_per_span=3)
+
+
+def mixed_request() -> ExportTraceServiceRequest:
+    """Three spans of two resources: one over the attribute limit (rejected), one with a
+    link, one with attributes, an event and an error status."""
+    request = raw_request(b"\x01" * 8, b"\x02" * 8, service="billing")
+    spans = request.resource_spans[0].scope_spans[0].spans
+    for k in range(4):
+        spans[0].attributes.add(key=f"a{k}").value.string_value = "x"  # over the limit
+    link = spans[1].links.add(trace_id=b"\x07" * 16, span_id=b"\x08" * 8)
+    link.attributes.add(key="why").value.string_value = "retry"
+    other = request.resource_spans.add()
+    other.resource.attributes.add(key="service.name").value.string_value = "email"
+    span = other.scope_spans.add().spans.add(name="email.sent", trace_id=TRACE_ID,
+                                             span_id=b"\x03" * 8)
+    span.start_time_unix_nano, span.end_time_unix_nano = 5, 6
+    span.status.code, span.status.message = 2, "provider said 550"
+    span.attributes.add(key="http.response.status_code").value.int_value = 550
+    span.events.add(name="retry", time_unix_nano=5)
+    return request
+
+
+@pytest.fixture
+def pool() -> Iterator[DecodePool]:
+    decoder = DecodePool(1, LIMITS)
+    asyncio.run(decoder.start())
+    yield decoder
+    decoder.close()
+
+
+def same(a: SpanBatch, b: SpanBatch) -> None:
+    assert len(a) == len(b)
+    assert (a.received_ns, a.rejected, a.problems) == (b.received_ns, b.rejected, b.problems)
+    assert a.table().equals(b.table())
+    assert a.resources() == b.resources()
+    assert a.trace_id == b.trace_id and a.name == b.name
+    assert a.linked() == b.linked()
+    assert [a.decode(i) for i in range(len(a))] == [b.decode(i) for i in range(len(b))]
+    assert [a.link_targets(i) for i in a.linked()] == [b.link_targets(i) for i in b.linked()]
+
+
+def test_a_worker_sends_back_the_batch_the_server_would_have_made(pool):
+    body = mixed_request().SerializeToString()
+    here = decode_here(body, 42, LIMITS)
+    assert here.rejected == 1 and len(here) == 2 and here.linked() == {0}
+    there = asyncio.run(pool.decode(body, 42))
+    assert there._table is not None and not there.raw  # the table form, not re-decoded lists
+    same(here, there)
+    assert there.decode(1).attributes == {"http.response.status_code": 550}
+    assert there.decode(1).resource == {"service.name": "email"}
+    assert there.link_targets(0) == [(b"\x07" * 16).hex()]
+
+
+def test_an_invalid_request_is_refused_with_the_same_error(pool):
+    body = b"\x0a\x05\xff\xff"  # resource_spans: a truncated message
+    with pytest.raises(InvalidPayload) as here:
+        decode_here(body, 1, LIMITS)
+    with pytest.raises(InvalidPayload) as there:
+        asyncio.run(pool.decode(body, 1))
+    assert str(there.value) == str(here.value)
+
+
+def test_a_dead_worker_costs_no_export(pool):
+    body = mixed_request().SerializeToString()
+    (pid,) = pool.pids()
+    os.kill(pid, signal.SIGKILL)
+
+    async def decode_twice() -> tuple[SpanBatch, SpanBatch]:
+        return await pool.decode(body, 7), await pool.decode(body, 8)
+
+    first, second = asyncio.run(decode_twice())
+    same(first, decode_here(body, 7, LIMITS))
+    same(second, decode_here(body, 8, LIMITS))
+    assert pool.replaced == 1
+    assert pool.pids() and pid not in pool.pids()
+
+
+def test_no_workers_decodes_in_the_calling_process():
+    decoder = DecodePool(0, LIMITS)
+    asyncio.run(decoder.start())
+    body = mixed_request().SerializeToString()
+    batch = asyncio.run(decoder.decode(body, 3))
+    assert batch._table is None and len(batch.raw) == 2
+    assert decoder.pids() == []
+    with pytest.raises(ValueError, match="0 or more"):
+        DecodePool(-1, LIMITS)
+
+
+@pytest.mark.parametrize(("cpus", "workers"), [(1, 0), (2, 1), (3, 2), (64, 4)])
+def test_auto_leaves_one_cpu_to_the_server(cpus, workers):
+    assert auto_workers(cpus) == workers
+
+
+@pytest.fixture
+def pooled(tmp_path: Path) -> Iterator[RunningServer]:
+    with running_server(tmp_path, decode_workers=1) as running:
+        assert running.server.decoder is not None and len(running.server.decoder.pids()) == 1
+        yield running
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_a_server_decoding_in_a_worker_decides_runs_and_keeps_the_evidence(pooled, transport):
+    tracer = pooled.tracer(transport, **{"service.name": "billing"})
+    with tracer.start_as_current_span(
+            "stripe.webhook", attributes={"event.type": "invoice.payment_failed"}) as root, \
+            tracer.start_as_current_span(
+                "entitlement.updated", attributes={"http.response.status_code": 502}) as child:
+        child.set_status(Status(StatusCode.ERROR, "upstream 502"))
+    failed = trace_id_of(root)
+    with tracer.start_as_current_span(
+            "stripe.webhook", attributes={"event.type": "invoice.payment_failed"}) as root:
+        with tracer.start_as_current_span("entitlement.updated") as child:
+            child.set_status(Status(StatusCode.OK))
+        tracer.start_span("email.delivered", attributes={"email.template": "dunning"}).end()
+    passed = trace_id_of(root)
+    pooled.go_idle()
+    pooled.advance(timedelta(minutes=10, seconds=1))
+    rule = "payment-failed-updates-access"
+    assert pooled.verdict(failed, rule)["status"] == "failed"
+    assert pooled.verdict(passed, rule)["status"] == "passed"
+    spans = pooled.get(f"/api/v1/traces/{failed}")["spans"]
+    (error,) = [s for s in spans if s["name"] == "entitlement.updated"]
+    assert error["attributes"]["http.response.status_code"] == 502
+    assert error["status_message"] == "upstream 502"
