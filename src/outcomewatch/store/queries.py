@@ -388,17 +388,11 @@ class Reader:
                    if r.status is RunStatus.OPEN and r.due_at is None}
         if not waiting or self._trace_idle is None:
             return page
-        ids = sorted(waiting)
-        indexed, tail = self._fetch(
-            ("SELECT trace_id, max(last_received_ns) FROM trace_index "
-             "WHERE list_contains(?, trace_id) GROUP BY trace_id", [ids]),
-            # The spans not indexed yet (the last moment's), found by their short tail.
-            ("SELECT trace_id, max(received_ns) FROM spans WHERE received_ns >= coalesce("
-             "(SELECT max(last_received_ns) FROM trace_index) - 1000000000, -9223372036854775807)"
-             " AND list_contains(?, trace_id) GROUP BY trace_id", [ids]))
-        last: dict[str, int] = {}
-        for trace_id, ns in [*indexed, *tail]:
-            last[trace_id] = max(int(ns), last.get(trace_id, int(ns)))
+        try:
+            with self._conn.cursor() as cur:
+                last = traces.last_received(cur, sorted(waiting))
+        except duckdb.Error as exc:
+            raise StoreError(f"query failed: {exc}") from exc
         idle = self._trace_idle
         items = tuple(
             replace(r, due_at=_EPOCH + timedelta(microseconds=last[r.trace_id] // 1000) + idle)

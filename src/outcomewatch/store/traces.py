@@ -101,6 +101,33 @@ def windows(cur: duckdb.DuckDBPyConnection, trace_id: str) -> list[tuple[int, in
     return [(int(lo), int(hi)), (tail, _MAX_NS)]
 
 
+_POINT_LOOKUPS = 32  # up to this many traces, one index lookup each beats a scan of the index
+
+
+def last_received(cur: duckdb.DuckDBPyConnection, trace_ids: list[str]) -> dict[str, int]:
+    """The newest received_ns among each trace's stored spans (a trace with none is left out):
+    its indexed window, and the unindexed tail (the last moment's spans)."""
+    [(indexed_until,)] = cur.execute(
+        "SELECT max(indexed_until) FROM trace_index_state").fetchall()
+    tail = -(2**63) if indexed_until is None else int(indexed_until) - _TAIL_MARGIN_NS
+    if len(trace_ids) <= _POINT_LOOKUPS:
+        indexed = [(t, cur.execute("SELECT max(last_received_ns) FROM trace_index "
+                                   "WHERE trace_id = ?", [t]).fetchall()[0][0])
+                   for t in trace_ids]
+    else:
+        indexed = cur.execute("SELECT trace_id, max(last_received_ns) FROM trace_index "
+                              "WHERE list_contains(?, trace_id) GROUP BY trace_id",
+                              [trace_ids]).fetchall()
+    recent = cur.execute("SELECT trace_id, max(received_ns) FROM spans WHERE received_ns >= ? "
+                         "AND list_contains(?, trace_id) GROUP BY trace_id",
+                         [tail, trace_ids]).fetchall()
+    last: dict[str, int] = {}
+    for trace_id, ns in [*indexed, *recent]:
+        if ns is not None:
+            last[trace_id] = max(int(ns), last.get(trace_id, int(ns)))
+    return last
+
+
 def resource_bytes(cur: duckdb.DuckDBPyConnection, resource_id: int) -> bytes:
     """The stored Resource of ``resource_id`` (b"", an empty resource, if none is stored)."""
     raw = _resources.get(resource_id)
