@@ -100,6 +100,19 @@ def test_a_dead_worker_costs_no_export(pool):
     assert pool.pids() and pid not in pool.pids()
 
 
+def test_a_worker_ignores_ctrl_c_and_sigterm_the_server_stops_it(pool):
+    body = mixed_request().SerializeToString()
+    (pid,) = pool.pids()
+    os.kill(pid, signal.SIGINT)
+    os.kill(pid, signal.SIGTERM)
+    same(asyncio.run(pool.decode(body, 9)), decode_here(body, 9, LIMITS))
+    assert pool.pids() == [pid] and pool.replaced == 0
+    pool.close()
+    assert pool.pids() == []
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # gone (reaped by the pool's shutdown)
+
+
 def test_no_workers_decodes_in_the_calling_process():
     decoder = DecodePool(0, LIMITS)
     asyncio.run(decoder.start())

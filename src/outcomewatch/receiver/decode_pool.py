@@ -23,6 +23,7 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -57,6 +58,14 @@ def _ready() -> int:
     return os.getpid()
 
 
+def _ignore_stop_signals() -> None:
+    """Run in each worker first. A terminal's Ctrl-C, or systemd's SIGTERM to the whole unit,
+    reaches the workers too: the server decides when they stop (``close``), so they neither die
+    mid-export nor print a KeyboardInterrupt traceback of their own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class DecodePool:
     """``await decode(body, received_ns)`` -> SpanBatch; ``start()`` before, ``close()`` after."""
 
@@ -78,7 +87,8 @@ class DecodePool:
                                    for _ in range(self.workers)))
 
     def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_ignore_stop_signals)
 
     def pids(self) -> list[int]:
         """The worker processes' ids (for tests and diagnostics)."""
