@@ -20,6 +20,7 @@ from outcomewatch.otlp import SpanBatch
 from outcomewatch.otlp_limits import SpanLimits
 from outcomewatch.receiver.decode_pool import DecodePool, auto_workers, decode_here
 from tests.harness import RunningServer, running_server, trace_id_of
+from tests.processes import serving, wait_for
 from tests.spans import TRACE_ID, raw_request
 
 LIMITS = SpanLimits(max_attributes_per_span=3)
@@ -160,3 +161,34 @@ def test_a_server_decoding_in_a_worker_decides_runs_and_keeps_the_evidence(poole
     (error,) = [s for s in spans if s["name"] == "entitlement.updated"]
     assert error["attributes"]["http.response.status_code"] == 502
     assert error["status_message"] == "upstream 502"
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines()
+                          if ":\t" in line)
+        except OSError:  # gone while listing
+            continue
+        if fields.get("PPid", "").strip() == str(pid):
+            found.append(int(status.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_the_workers_of_a_killed_server_leave_with_it(tmp_path):
+    with serving(tmp_path, args=["--decode-workers", "1"]) as server:
+        workers = [pid for pid in children_of(server.pid)
+                   if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+        assert len(workers) == 1
+        server.kill9()
+        wait_for(lambda: not any(alive(pid) for pid in workers) or None,
+                 "the decode worker to leave after its server was killed")

@@ -13,8 +13,9 @@ Contract: ``decode`` gives the same batch (accepted spans, rejections and their 
 the same InvalidPayload. ``workers=0`` decodes in the calling process. A worker that dies (the
 kernel's OOM killer, say) costs no export: the pool is replaced, and the export that saw it die
 is decoded in the server's process (an export is acknowledged only once stored, so nothing
-acknowledged depends on a worker). Workers are started with ``spawn``: forking a process that
-runs grpc and DuckDB threads is unsafe.
+acknowledged depends on a worker). A worker outlives the server by at most PARENT_CHECK_S.
+Workers are started with ``spawn``: forking a process that runs grpc and DuckDB threads is
+unsafe.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -34,6 +37,7 @@ from outcomewatch.otlp_limits import SpanLimits
 log = logging.getLogger(__name__)
 
 MAX_AUTO_WORKERS = 4
+PARENT_CHECK_S = 0.5  # how often a worker checks that the server is still there
 
 
 def auto_workers(cpus: int | None = None) -> int:
@@ -58,12 +62,22 @@ def _ready() -> int:
     return os.getpid()
 
 
-def _ignore_stop_signals() -> None:
+def _start_worker(server_pid: int) -> None:
     """Run in each worker first. A terminal's Ctrl-C, or systemd's SIGTERM to the whole unit,
     reaches the workers too: the server decides when they stop (``close``), so they neither die
-    mid-export nor print a KeyboardInterrupt traceback of their own."""
+    mid-export nor print a KeyboardInterrupt traceback of their own. And a worker leaves when
+    the server is gone without closing it (``kill -9``, a crash): its task queue would never
+    tell it (the worker holds both ends of the pipe), so a thread checks the parent."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(target=_leave_with, args=(server_pid,), daemon=True,
+                     name="decode-worker-watchdog").start()
+
+
+def _leave_with(server_pid: int) -> None:
+    while os.getppid() == server_pid:
+        time.sleep(PARENT_CHECK_S)
+    os._exit(0)
 
 
 class DecodePool:
@@ -88,7 +102,7 @@ class DecodePool:
 
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_ignore_stop_signals)
+                                   initializer=_start_worker, initargs=(os.getpid(),))
 
     def pids(self) -> list[int]:
         """The worker processes' ids (for tests and diagnostics)."""
