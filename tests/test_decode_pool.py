@@ -18,7 +18,12 @@ from opentelemetry.trace import Status, StatusCode
 from outcomewatch.errors import InvalidPayload
 from outcomewatch.otlp import SpanBatch
 from outcomewatch.otlp_limits import SpanLimits
-from outcomewatch.receiver.decode_pool import DecodePool, auto_workers, decode_here
+from outcomewatch.receiver.decode_pool import (
+    DecodePool,
+    auto_workers,
+    decode_here,
+    usable_cpus,
+)
 from tests.harness import RunningServer, running_server, trace_id_of
 from tests.processes import serving, wait_for
 from tests.spans import TRACE_ID, raw_request
@@ -128,6 +133,22 @@ def test_no_workers_decodes_in_the_calling_process():
 @pytest.mark.parametrize(("cpus", "workers"), [(1, 0), (2, 1), (3, 2), (64, 4)])
 def test_auto_leaves_one_cpu_to_the_server(cpus, workers):
     assert auto_workers(cpus) == workers
+
+
+@pytest.mark.parametrize(("files", "cpus"), [
+    ({"cpu.max": "150000 100000\n"}, 2),  # 1.5 CPUs of quota: 2
+    ({"cpu.max": "100000 100000\n"}, 1),
+    ({"cpu.max": "max 100000\n"}, None),  # no quota: the affinity
+    ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),
+])
+def test_a_containers_cpu_quota_bounds_the_usable_cpus(tmp_path, files, cpus):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cpus(tmp_path) == (affinity if cpus is None else min(cpus, affinity))
 
 
 @pytest.fixture

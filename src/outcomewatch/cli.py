@@ -172,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "UNAVAILABLE / 503 + Retry-After (default 1024)")
     serve.add_argument("--decode-workers", type=_workers_arg, default="auto", metavar="N",
                        help="processes that decode OTLP/protobuf exports beside the server's "
-                            "own; 0 decodes in the server's process (default auto: one per CPU "
-                            "beyond the first, at most 4)")
+                            "own; 0 decodes in the server's process (default auto: one per usable "
+                            "CPU beyond the first, at most 4)")
     serve.add_argument("--retention", type=_retention_arg, default=timedelta(days=14),
                        metavar="DURATION",
                        help="keep spans of traces whose runs all passed (or that opened none) "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import multiprocessing
 import os
 import signal
@@ -29,6 +30,7 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 from outcomewatch import otlp
 from outcomewatch.otlp import SpanBatch, WireBatch
@@ -40,12 +42,30 @@ MAX_AUTO_WORKERS = 4
 PARENT_CHECK_S = 0.5  # how often a worker checks that the server is still there
 
 
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may run on, as a container sees them: its affinity, or its
+    cgroup's CPU quota when lower (v2 ``cpu.max``, v1 ``cpu/cpu.cfs_quota_us`` over
+    ``cfs_period_us``; a quota of 1.5 CPUs counts as 2)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    quotas = [(cgroup / "cpu.max", None), (cgroup / "cpu" / "cpu.cfs_quota_us",
+                                            cgroup / "cpu" / "cpu.cfs_period_us")]
+    for quota_path, period_path in quotas:
+        try:
+            fields = quota_path.read_text().split()
+            if period_path is not None:
+                fields.append(period_path.read_text().strip())
+            quota, period = int(fields[0]), int(fields[1])
+        except (OSError, ValueError, IndexError):  # absent, "max" or -1: no quota
+            continue
+        if quota > 0 and period > 0:
+            cpus = min(cpus or 1, math.ceil(quota / period))
+    return cpus or 1
+
+
 def auto_workers(cpus: int | None = None) -> int:
-    """The default worker count: one per CPU beyond the one the server's own threads use
-    (the CPUs this process may run on), at most MAX_AUTO_WORKERS; 0 on a single CPU."""
-    if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(0, min(MAX_AUTO_WORKERS, (cpus or 1) - 1))
+    """The default worker count: one per usable CPU beyond the one the server's own threads
+    use, at most MAX_AUTO_WORKERS; 0 on a single CPU."""
+    return max(0, min(MAX_AUTO_WORKERS, (cpus or usable_cpus()) - 1))
 
 
 def decode_here(body: bytes, received_ns: int, limits: SpanLimits) -> SpanBatch:
@@ -137,4 +157,4 @@ class DecodePool:
             pool.shutdown(wait=True, cancel_futures=False)
 
 
-__all__ = ["DecodePool", "auto_workers", "decode_here"]
+__all__ = ["DecodePool", "auto_workers", "decode_here", "usable_cpus"]
