@@ -49,3 +49,10 @@ def test_a_trace_is_read_from_its_window_and_the_tail(db):
                                                           traces._MAX_NS)]
     rows = traces.span_rows(db, "b")
     assert rows is not None and [r[4] for r in rows] == ["1", "2"]
+
+
+def test_a_batch_table_has_the_columns_of_the_spans_table_in_order(db):
+    from outcomewatch.otlp import SPAN_COLUMNS
+
+    columns = [row[0] for row in db.execute("DESCRIBE spans").fetchall()]
+    assert columns == SPAN_COLUMNS.names  # the writer inserts by position (SELECT *)
