@@ -86,6 +86,11 @@ _resources: dict[int, bytes] = {}
 _MAX_CACHED_RESOURCES = 10_000
 
 
+def _tail_start(indexed_until: int | None) -> int:
+    """Where the unindexed tail of the spans table starts (all of it, if nothing is indexed)."""
+    return -(2**63) if indexed_until is None else int(indexed_until) - _TAIL_MARGIN_NS
+
+
 def windows(cur: duckdb.DuckDBPyConnection, trace_id: str) -> list[tuple[int, int]]:
     """The received_ns ranges to read for the trace: its indexed window (if any) and the
     unindexed tail."""
@@ -93,7 +98,7 @@ def windows(cur: duckdb.DuckDBPyConnection, trace_id: str) -> list[tuple[int, in
         "SELECT min(first_received_ns), max(last_received_ns), "
         "(SELECT max(indexed_until) FROM trace_index_state) FROM trace_index "
         "WHERE trace_id = ?", [trace_id]).fetchall()
-    tail = -(2**63) if indexed_until is None else int(indexed_until) - _TAIL_MARGIN_NS
+    tail = _tail_start(indexed_until)
     if lo is None:
         return [(tail, _MAX_NS)]
     if int(hi) >= tail:
@@ -109,7 +114,7 @@ def last_received(cur: duckdb.DuckDBPyConnection, trace_ids: list[str]) -> dict[
     its indexed window, and the unindexed tail (the last moment's spans)."""
     [(indexed_until,)] = cur.execute(
         "SELECT max(indexed_until) FROM trace_index_state").fetchall()
-    tail = -(2**63) if indexed_until is None else int(indexed_until) - _TAIL_MARGIN_NS
+    tail = _tail_start(indexed_until)
     if len(trace_ids) <= _POINT_LOOKUPS:
         indexed = [(t, cur.execute("SELECT max(last_received_ns) FROM trace_index "
                                    "WHERE trace_id = ?", [t]).fetchall()[0][0])
