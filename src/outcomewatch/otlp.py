@@ -89,10 +89,15 @@ def decode_span(
     )
 
 
+def resource_attributes(raw_resource: bytes) -> dict[str, AttributeValue]:
+    """The attributes of a serialised Resource (b"": an empty one)."""
+    resource = Resource.FromString(raw_resource) if raw_resource else Resource()
+    return attributes(resource.attributes)
+
+
 def decode_stored_span(raw: bytes, raw_resource: bytes, *, scope: str = "") -> Span:
     """A span as stored (its serialised protobuf and its resource's) as a model.Span."""
-    resource = Resource.FromString(raw_resource) if raw_resource else Resource()
-    return decode_span(PbSpan.FromString(raw), attributes(resource.attributes), scope=scope)
+    return decode_span(PbSpan.FromString(raw), resource_attributes(raw_resource), scope=scope)
 
 
 # A span as the store keeps it: the columns of the spans table (store/schema.py), in order.
@@ -160,9 +165,8 @@ class SpanBatch:
         rid = table.column("resource_id")[i].as_py()
         resource = self._decoded_resources.get(rid)
         if resource is None:
-            raw_resource = self._raw_resources[rid]
-            pb_resource = Resource.FromString(raw_resource) if raw_resource else Resource()
-            resource = self._decoded_resources[rid] = attributes(pb_resource.attributes)
+            resource = self._decoded_resources[rid] = resource_attributes(
+                self._raw_resources[rid])
         return decode_span(PbSpan.FromString(table.column("span")[i].as_py()), resource,
                            scope=table.column("scope")[i].as_py())
 
