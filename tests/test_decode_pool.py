@@ -82,6 +82,21 @@ def test_a_worker_sends_back_the_batch_the_server_would_have_made(pool):
     assert there.link_targets(0) == [(b"\x07" * 16).hex()]
 
 
+def test_a_stamp_sets_received_ns_in_both_forms_alike():
+    """The pipeline re-stamps every batch at commit (pipeline.py): the table a worker built
+    must carry the new time, as the one built here later does."""
+    body = mixed_request().SerializeToString()
+    here = decode_here(body, 42, LIMITS)  # its table not built yet
+    there = SpanBatch.from_wire(decode_here(body, 42, LIMITS).to_wire())
+    assert here._table is None
+    assert there.table().column("received_ns").to_pylist() == [42, 42]
+    for batch in (here, there):
+        batch.stamp(1_000)
+    same(here, there)
+    assert there.table().column("received_ns").to_pylist() == [1_000, 1_000]
+    assert there.table().schema == here.table().schema
+
+
 def test_an_invalid_request_is_refused_with_the_same_error(pool):
     body = b"\x0a\x05\xff\xff"  # resource_spans: a truncated message
     with pytest.raises(InvalidPayload) as here:

@@ -157,6 +157,15 @@ class SpanBatch:
     def __len__(self) -> int:
         return len(self.trace_id)
 
+    def stamp(self, received_ns: int) -> None:
+        """Set when the spans were received (what the store keeps, in both forms)."""
+        self.received_ns = received_ns
+        if self._table is not None:
+            column = self._table.schema.get_field_index("received_ns")
+            self._table = self._table.set_column(
+                column, SPAN_COLUMNS.field(column),
+                pa.repeat(pa.scalar(received_ns, pa.int64()), len(self)))
+
     def decode(self, i: int) -> Span:
         if self._table is None:
             return decode_span(self._pb_spans[i], self._resources[self._resource_of[i]],

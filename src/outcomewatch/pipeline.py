@@ -1,18 +1,29 @@
 """The verdict path: ingest -> commit -> observe -> one verdict batch per tick.
 
-``ingest(batch)`` commits the spans (the export may be acknowledged once it returns), then lets
-the engine observe them. ``tick()`` advances the engine's time, and everything the engine
-decided since the last tick (observed and ticked) goes to the writer as one VerdictBatch
-(store/verdicts.py writes it set-based, applying the incident lifecycle): a batch costs a fixed
-handful of statements, so batching per tick (100 ms in the server) rather than per export is
-what keeps rule-matching traffic near the speed of the rest. ``tick()`` is synchronous and
-callable directly, so tests drive it instead of waiting for the server's loop, which only
-schedules it; ``flush()`` writes what is pending without advancing time.
+``ingest(batch)`` stamps the spans' received_ns, commits them (the export may be acknowledged
+once it returns), then lets the engine observe them. Stamped here, in the order the writer
+commits, and never going back: so received_ns grows with the spans table (the trace index and
+recovery rely on it), whatever order the decode workers returned the exports in.
+
+``tick()`` advances the engine's time, and everything the engine decided since the last tick
+(observed and ticked) goes to the writer as one VerdictBatch (store/verdicts.py writes it
+set-based, applying the incident lifecycle): a batch costs a fixed handful of statements, so
+batching per tick (100 ms in the server) rather than per export is what keeps rule-matching
+traffic near the speed of the rest. ``tick()`` is synchronous and callable directly, so tests
+drive it instead of waiting for the server's loop, which only schedules it; ``flush()`` writes
+what is pending without advancing time.
 
 The writer is FIFO, so batches are stored in the engine's order: a run's opening before its
 verdict, a pass never before an earlier failure of the same rule, a late outcome after its
 failed run. Failures carry what the verdict knows in memory (analyzer/evidence.py); the rest of
 the incident file is built from the stored trace when it is read.
+
+A verdict batch also carries the *watermark*: every span stamped before it has been observed,
+and what the engine decided from it is in this batch or an earlier one. A restart reads again
+the spans from an idle time before the stored watermark (and every trace with an open run): a
+kill -9 loses the verdicts still in memory or queued, never the spans they came from, however
+far the verdict writes lagged behind the spans. On quiet traffic (no events) the watermark is
+written alone, at most every WATERMARK_EVERY.
 """
 
 from __future__ import annotations
@@ -43,6 +54,9 @@ from outcomewatch.store.verdicts import Judged, VerdictBatch
 
 log = logging.getLogger(__name__)
 
+WATERMARK_EVERY_NS = 1_000_000_000  # a restart re-reads at most this much more than it must
+_FIRST_NS = -(2**62)  # before any span (and far enough from BIGINT's least for a window back)
+
 
 class VerdictWriter(Protocol):
     """What the pipeline needs of the store (the Store class, or a test's own)."""
@@ -54,6 +68,8 @@ class VerdictWriter(Protocol):
     def save_schedule_progress(self, progress: dict[str, datetime]) -> None: ...
 
     def last_received_ns(self) -> int | None: ...
+
+    def observed_before_ns(self) -> int | None: ...
 
     def span_names(self, since_ns: int, until_ns: int) -> list[str]: ...
 
@@ -83,6 +99,9 @@ class Pipeline:
         self._schedule_saved: dict[str, datetime] = {}
         self._evicted_seen = 0
         self._pending: list[RunEvent] = []  # decided since the last write, in engine order
+        self._next_stamp = to_ns(clock())  # the least received_ns the next batch may get
+        self._in_flight: set[int] = set()  # stamps of batches committing, not yet observed
+        self._watermark_written: int | None = None
 
     async def ingest(self, batch: SpanBatch) -> None:
         """Commit ``batch``, then observe it; returns once the spans are durable."""
@@ -92,8 +111,22 @@ class Pipeline:
             await asyncio.shield(self._commit_and_observe(batch))
 
     async def _commit_and_observe(self, batch: SpanBatch) -> None:
-        await self.writer.append_spans(batch)
-        self.persist(self.engine.observe(batch))
+        stamp = max(to_ns(self._clock()), self._next_stamp)
+        self._next_stamp = stamp + 1
+        batch.stamp(stamp)
+        self._in_flight.add(stamp)
+        try:
+            # Queued synchronously (before the first await): commit order is stamp order.
+            await self.writer.append_spans(batch)
+            self.persist(self.engine.observe(batch))
+        finally:
+            # Also on failure: the export is refused, so the client sends it again.
+            self._in_flight.discard(stamp)
+
+    def watermark(self) -> int:
+        """The received_ns before which every span has been observed (its events pending or
+        written): the oldest batch still committing, else the next stamp."""
+        return min(self._in_flight, default=self._next_stamp)
 
     def tick(self) -> None:
         """Advance the engine to the clock's now and store what it decided since the last
@@ -117,10 +150,16 @@ class Pipeline:
         self._pending.extend(events)
 
     def flush(self) -> None:
-        """Queue what is pending to the writer as one batch (counted in the metrics)."""
-        if self._pending:
-            events, self._pending = self._pending, []
-            self.writer.write_verdicts(self.batch(events))
+        """Queue what is pending to the writer as one batch (counted in the metrics), with the
+        watermark; with nothing pending, the watermark alone if it moved by WATERMARK_EVERY."""
+        watermark = self.watermark()
+        if not self._pending and self._watermark_written is not None \
+                and watermark - self._watermark_written < WATERMARK_EVERY_NS:
+            return
+        events, self._pending = self._pending, []
+        batch = self.batch(events)
+        batch.observed_before_ns = self._watermark_written = watermark
+        self.writer.write_verdicts(batch)
 
     def batch(self, events: Sequence[RunEvent]) -> VerdictBatch:
         rules = self._rules()
@@ -174,12 +213,17 @@ class Pipeline:
         skipped, and storing is idempotent (run ids derive from the trigger span, verdicts are
         claimed)."""
         window = int(self.recovery_window(trace_idle).total_seconds() * 1e9)
-        # Back from now, and back from the last span stored: the process may have been down for
-        # longer than the window, and the verdict writes of the last exports it acknowledged
-        # (queued after their spans' commit) may never have been committed.
+        # Back from the stored watermark: the spans after it may have been observed by the last
+        # process without what it decided from them being stored (see the module docstring).
+        # And back from now and from the last span stored, whichever is earliest: the process
+        # may have been down for longer than the window.
         now = to_ns(self._clock())
         last = await asyncio.to_thread(self.writer.last_received_ns)
-        since = min(now, last if last is not None else now)
+        observed = await asyncio.to_thread(self.writer.observed_before_ns)
+        since = now
+        if last is not None:
+            # NULL: no batch said what had been observed, so none of the stored spans is known to.
+            since = min(now, last, _FIRST_NS if observed is None else observed)
         # Past the idle time only the spans a rule looks at can still matter (an outcome held
         # for a long ``within``): read only those, or a restart would decode every span of the
         # last hours (millions under load, gigabytes of memory). Correlated rules hold spans

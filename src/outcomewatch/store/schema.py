@@ -55,6 +55,12 @@ CREATE INDEX IF NOT EXISTS trace_index_trace ON trace_index (trace_id);
 -- it costs a scan of the whole table). Rebuilt at every open (reindex_tail).
 CREATE TABLE IF NOT EXISTS trace_index_state (indexed_until BIGINT);
 
+-- One row: every span received before ``observed_before_ns`` has been observed by the engine and
+-- what it decided from it (runs opened, verdicts) is stored; written with each verdict batch
+-- (pipeline.py). A restart reads the spans again from there, not from a guess of how far the
+-- verdict writes may have lagged behind the spans. NULL: no batch has said yet (read them all).
+CREATE TABLE IF NOT EXISTS verdict_state (observed_before_ns BIGINT);
+
 CREATE TABLE IF NOT EXISTS resources (
     id BIGINT PRIMARY KEY,
     resource BLOB NOT NULL
@@ -185,6 +191,10 @@ MIGRATIONS = (
     # duckdb refuses NOT NULL with ADD COLUMN IF NOT EXISTS: on such files the column is
     # nullable, and readers take NULL as [].
     "ALTER TABLE runs ADD COLUMN IF NOT EXISTS at_risk JSON DEFAULT '[]'",
+    # A new file: NULL. A file from before verdict_state: what the versions before it assumed,
+    # that everything stored had been observed (they read an idle time back from the last span).
+    "INSERT INTO verdict_state SELECT (SELECT max(received_ns) FROM spans) "
+    "WHERE NOT EXISTS (SELECT * FROM verdict_state)",
 )
 
 # Index rows for the spans received since ``$since`` (the tail a crash may have left

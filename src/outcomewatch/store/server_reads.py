@@ -33,6 +33,13 @@ class ServerReads(OutboxReads):
         row = rows[0] if rows else None
         return None if row is None or row[0] is None else int(row[0])
 
+    def observed_before_ns(self) -> int | None:
+        """The stored watermark: every span received before it had been observed and what was
+        decided from it stored (None: not known for any span; see pipeline.py)."""
+        rows = self._rows("SELECT max(observed_before_ns) FROM verdict_state")
+        row = rows[0] if rows else None
+        return None if row is None or row[0] is None else int(row[0])
+
     def span_names(self, since_ns: int, until_ns: int) -> list[str]:
         """The distinct names of the spans received in [since_ns, until_ns)."""
         rows = self._rows("SELECT DISTINCT name FROM spans WHERE received_ns >= ? "

@@ -70,9 +70,9 @@ class PendingIndex:
             cur.unregister("incoming_index")
         cur.execute("UPDATE trace_index_state SET indexed_until = greatest(indexed_until, ?)",
                     [max(w[1] for w in windows.values())])
-# The tail is read from a little before the newest indexed span: exports are committed in the
-# order they were queued, received a few milliseconds before (their receive times can cross by
-# that much); 200 ms covers it with room.
+# The tail is read from a little before the newest indexed span. The server stamps received_ns
+# in commit order (pipeline.py), so its spans never cross; the margin is for spans stored by
+# anything else (a test, an import) with times of their own.
 _TAIL_MARGIN_NS = 200_000_000
 
 # The span columns of a trace, bounded by its windows: (lo, hi) pairs of received_ns, OR-ed

@@ -12,7 +12,7 @@ with a handful of statements over Arrow tables in the writer's transaction.
     3. the lifecycle (incidents/lifecycle.py, pure) applies the claimed verdicts in order.
     4. writes: streaks upserted, incidents upserted, failures inserted (with the incident they
        count in), runs' incident ids, timeline rows, outbox rows (one per transition and target),
-       search keys, late outcomes.
+       search keys, late outcomes; and the batch's watermark (verdict_state, see pipeline.py).
 
 So a batch costs a fixed number of statements plus one per new incident (its id), whatever the
 number of runs in it; the statement costs grow with the (rule, group) pairs touched.
@@ -105,19 +105,26 @@ BatchEvent = RunOpened | Judged | LateOutcome | RunAtRisk
 @dataclass
 class VerdictBatch:
     """What the engine decided between two writes, in its order, with the lifecycle's policy
-    of every rule named (by rule name) and the notification targets of every route."""
+    of every rule named (by rule name) and the notification targets of every route; and, when
+    set, the received_ns before which every span's consequences are in this batch or stored
+    before it (verdict_state, read by a restart)."""
 
     events: list[BatchEvent] = field(default_factory=list)
     policies: dict[str, Policy] = field(default_factory=dict)
     targets: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    observed_before_ns: int | None = None
 
     def __len__(self) -> int:
-        return len(self.events)
+        """Events, plus one for a watermark to store (a batch of len 0 writes nothing)."""
+        return len(self.events) + (self.observed_before_ns is not None)
 
     def extend(self, other: VerdictBatch) -> None:
+        """Append ``other``, the later batch: its watermark, if it has one, replaces ours."""
         self.events.extend(other.events)
         self.policies.update(other.policies)
         self.targets.update(other.targets)
+        if other.observed_before_ns is not None:
+            self.observed_before_ns = other.observed_before_ns
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +213,10 @@ def write(db: duckdb.DuckDBPyConnection, batch: VerdictBatch) -> Written:
         log.info("incident %d %s: rule %s, group %s: %s", transition.incident_id,
                  transition.kind, incident.rule, incident.group_key or "(none)",
                  transition.comment or incident.summary)
+    if batch.observed_before_ns is not None:
+        # Overwritten, not greatest(): after a restart on a clock that went back, the new
+        # process's watermark is the true one.
+        db.execute("UPDATE verdict_state SET observed_before_ns = ?", [batch.observed_before_ns])
     return Written(frozenset(claimed), tuple(lifecycle.transitions))
 
 
