@@ -21,7 +21,8 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
 from outcomewatch.api import create_app
 from outcomewatch.model import RunStatus
-from outcomewatch.store.queries import InvalidCursor, Reader
+from outcomewatch.store.queries import Reader
+from outcomewatch.store.rows import InvalidCursor
 from outcomewatch.store.schema import DDL
 from tests.api_support import get_ok, index_traces
 

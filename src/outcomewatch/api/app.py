@@ -29,7 +29,8 @@ from outcomewatch.api.routes.rules import RulesAdmin
 from outcomewatch.api.routes.suggest import Suggester
 from outcomewatch.api.schemas import ErrorOut
 from outcomewatch.errors import StoreError
-from outcomewatch.store.queries import InvalidCursor, Reader
+from outcomewatch.store.queries import Reader
+from outcomewatch.store.rows import InvalidCursor
 
 DESCRIPTION = """\
 outcomewatch's API: the runs of outcome rules over traces, the incidents opened when runs

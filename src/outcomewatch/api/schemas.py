@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, Field, JsonValue
 
 from outcomewatch.model import IncidentStatus, RunStatus, Severity
-from outcomewatch.store.queries import (
+from outcomewatch.store.rows import (
     FailureRow,
     IncidentDetail,
     IncidentRow,

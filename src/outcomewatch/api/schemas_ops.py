@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from outcomewatch.store.queries import NotificationRow, Page
+from outcomewatch.store.rows import NotificationRow, Page
 
 _NEXT_CURSOR_HELP = "Pass as `cursor` to get the next page; null on the last page."
 

@@ -8,7 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from outcomewatch.store.queries import Reader, _utc
+from outcomewatch.store.queries import Reader
+from outcomewatch.store.rows import utc
 
 CHART_HOURS = 24
 
@@ -53,7 +54,7 @@ def hourly_verdicts(reader: Reader, *, now: datetime) -> Mapping[str, tuple[Hour
         "'open' AND closed_at >= make_timestamptz(?) GROUP BY rule, hour", [start_us]))
     found: dict[str, dict[datetime, tuple[int, int]]] = {}
     for rule, hour_us, passed, failed in rows:
-        found.setdefault(str(rule), {})[_utc(int(hour_us))] = (int(passed), int(failed))
+        found.setdefault(str(rule), {})[utc(int(hour_us))] = (int(passed), int(failed))
     hours = [start + timedelta(hours=i) for i in range(CHART_HOURS)]
     return {
         rule: tuple(HourBucket(h, *by_hour.get(h, (0, 0))) for h in hours)

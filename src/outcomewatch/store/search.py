@@ -13,14 +13,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from outcomewatch.store.queries import (
-    _RUN_COLUMNS,
+from outcomewatch.store.queries import Reader
+from outcomewatch.store.rows import (
+    RUN_COLUMNS,
     Page,
-    Reader,
     RunRow,
-    _run,
     decode_cursor,
     encode_cursor,
+    run_row,
 )
 
 TRACE_ID = re.compile(r"[0-9a-f]{32}")
@@ -65,7 +65,7 @@ def search(reader: Reader, query: str, *, limit: int, cursor: str | None = None)
                   " AND (opened_at, id) < (make_timestamptz(?), ?)")
         params += [at_us, at_us, last_id]
     [rows] = reader.fetch((
-        f"SELECT {_RUN_COLUMNS} FROM runs WHERE {where} ORDER BY opened_at DESC, id DESC LIMIT ?",
+        f"SELECT {RUN_COLUMNS} FROM runs WHERE {where} ORDER BY opened_at DESC, id DESC LIMIT ?",
         [*params, limit + 1],
     ))
     page_rows = rows[:limit]
@@ -82,6 +82,6 @@ def search(reader: Reader, query: str, *, limit: int, cursor: str | None = None)
         for run_id, key in matched:
             keys.setdefault(run_id, []).append(key)
     return SearchResult(
-        query, None, Page(tuple(_run(row) for row in page_rows), next_cursor),
+        query, None, Page(tuple(run_row(row) for row in page_rows), next_cursor),
         {run_id: tuple(found) for run_id, found in keys.items()},
     )
