@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from outcomewatch.cli import MIN_LIVE_BYTES, default_live_bytes, memory_limit_bytes, parse_size
+from outcomewatch.cli_args import MIN_LIVE_BYTES, default_live_bytes, memory_limit_bytes, parse_size
 from tests.processes import make_request, make_span, serving
 
 

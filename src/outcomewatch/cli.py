@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import sys
 from collections.abc import Sequence
 from datetime import timedelta
@@ -30,102 +29,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from outcomewatch import __version__
-from outcomewatch.durations import parse_duration
-from outcomewatch.errors import DurationError, RuleError, StoreError
+from outcomewatch.cli_args import (
+    address_arg,
+    default_live_bytes,
+    duration_arg,
+    positive_int_arg,
+    retention_arg,
+    size_arg,
+    workers_arg,
+)
+from outcomewatch.errors import RuleError, StoreError
 
 if TYPE_CHECKING:
     from outcomewatch.offline import ReplayReport
     from outcomewatch.server import Server
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[IPV6]:PORT``; raises ValueError with the reason."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"invalid address {text!r}: expected HOST:PORT, like 127.0.0.1:4317")
-    return host.strip("[]"), int(port)
-
-
-def _address_arg(text: str) -> tuple[str, int]:
-    try:
-        return parse_address(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
-def _duration_arg(text: str) -> timedelta:
-    try:
-        return parse_duration(text)
-    except DurationError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
-def _positive_int_arg(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
-
-
-def _workers_arg(text: str) -> int:
-    from outcomewatch.receiver.decode_pool import auto_workers
-
-    if text == "auto":
-        return auto_workers()
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of workers, got {text!r}")
-    return int(text)
-
-
-_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([kmgt]i?)?b?", re.IGNORECASE)
-_UNIT = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-         "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """Bytes from ``512MiB``, ``2GB``, ``1.5GiB`` or a plain number of bytes (units are
-    case-insensitive; KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024); ValueError if not."""
-    match = _SIZE.fullmatch(text.strip())
-    size = 0 if match is None else int(float(match[1]) * _UNIT[(match[2] or "").lower()])
-    if size < 1:
-        raise ValueError(f"invalid size {text!r}: expected bytes, like 512MiB or 2GB")
-    return size
-
-
-def _size_arg(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
-LIVE_SHARE = 4  # the default live-state budget is a quarter of the memory the process may use
-MIN_LIVE_BYTES = 64 * 2**20
-
-
-def memory_limit_bytes(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
-    """The memory this process may use: the machine's, or its cgroup's limit when lower
-    (cgroup v2 ``memory.max``, v1 ``memory/memory.limit_in_bytes``), as a container sees it."""
-    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for path in (cgroup / "memory.max", cgroup / "memory" / "memory.limit_in_bytes"):
-        try:
-            text = path.read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit():  # "max" (v2) means no limit; v1 says so with a huge number
-            limit = min(limit, int(text))
-    return limit
-
-
-def default_live_bytes(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
-    """The live-state budget when ``--max-live-bytes`` is not given: a quarter of
-    ``memory_limit_bytes`` (the rest is DuckDB's, the queues' and Python's), at least 64 MiB.
-    Like the Collector's memory_limiter, derived from the machine unless set."""
-    return max(memory_limit_bytes(cgroup) // LIVE_SHARE, MIN_LIVE_BYTES)
-
-
-def _retention_arg(text: str) -> timedelta | None:
-    """A duration, or ``forever`` (None: never delete)."""
-    return None if text.strip().lower() == "forever" else _duration_arg(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,16 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="rule file or directory (repeatable; default: rules/)")
     serve.add_argument("--db", default="data/outcomewatch.duckdb", metavar="FILE",
                        help="DuckDB file (default: data/outcomewatch.duckdb)")
-    serve.add_argument("--grpc", type=_address_arg, default=("127.0.0.1", 4317),
+    serve.add_argument("--grpc", type=address_arg, default=("127.0.0.1", 4317),
                        metavar="HOST:PORT",
                        help="OTLP/gRPC listen address (default 127.0.0.1:4317)")
-    serve.add_argument("--http", type=_address_arg, default=("127.0.0.1", 4318),
+    serve.add_argument("--http", type=address_arg, default=("127.0.0.1", 4318),
                        metavar="HOST:PORT",
                        help="OTLP/HTTP listen address (default 127.0.0.1:4318)")
-    serve.add_argument("--api", type=_address_arg, default=("127.0.0.1", 8080),
+    serve.add_argument("--api", type=address_arg, default=("127.0.0.1", 8080),
                        metavar="HOST:PORT",
                        help="query API listen address (default 127.0.0.1:8080)")
-    serve.add_argument("--trace-idle", type=_duration_arg, default=timedelta(seconds=10),
+    serve.add_argument("--trace-idle", type=duration_arg, default=timedelta(seconds=10),
                        metavar="DURATION",
                        help="a trace is complete after this long without a new span (default 10s)")
     serve.add_argument("--config", metavar="FILE",
@@ -167,30 +84,30 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-cert", metavar="FILE",
                        help="PEM certificate chain: serve gRPC, HTTP and the API over TLS")
     serve.add_argument("--tls-key", metavar="FILE", help="PEM private key for --tls-cert")
-    serve.add_argument("--max-queue", type=_positive_int_arg, default=1024, metavar="N",
+    serve.add_argument("--max-queue", type=positive_int_arg, default=1024, metavar="N",
                        help="exports queued for the database before new ones are refused with "
                             "UNAVAILABLE / 503 + Retry-After (default 1024)")
-    serve.add_argument("--decode-workers", type=_workers_arg, default="auto", metavar="N",
+    serve.add_argument("--decode-workers", type=workers_arg, default="auto", metavar="N",
                        help="processes that decode OTLP/protobuf exports beside the server's "
                             "own; 0 decodes in the server's process (default auto: one per usable "
                             "CPU beyond the first, at most 4)")
-    serve.add_argument("--retention", type=_retention_arg, default=timedelta(days=14),
+    serve.add_argument("--retention", type=retention_arg, default=timedelta(days=14),
                        metavar="DURATION",
                        help="keep spans of traces whose runs all passed (or that opened none) "
                             "this long; 'forever' keeps them (default 14d)")
-    serve.add_argument("--evidence-retention", type=_retention_arg, default=timedelta(days=90),
+    serve.add_argument("--evidence-retention", type=retention_arg, default=timedelta(days=90),
                        metavar="DURATION",
                        help="keep spans of traces with a failed run (incident evidence) this "
                             "long; incidents themselves are kept (default 90d)")
-    serve.add_argument("--retention-interval", type=_duration_arg,
+    serve.add_argument("--retention-interval", type=duration_arg,
                        default=timedelta(minutes=10), metavar="DURATION",
                        help="how often expired spans are deleted (default 10m)")
-    serve.add_argument("--max-live-traces", type=_positive_int_arg, metavar="N",
+    serve.add_argument("--max-live-traces", type=positive_int_arg, metavar="N",
                        help="live traces held in memory; over it the oldest are evaluated "
                             "early (reason evicted) and counted, never dropped silently")
-    serve.add_argument("--max-live-spans", type=_positive_int_arg, metavar="N",
+    serve.add_argument("--max-live-spans", type=positive_int_arg, metavar="N",
                        help="spans held in memory for open runs (a memory budget), likewise")
-    serve.add_argument("--max-live-bytes", type=_size_arg, metavar="SIZE",
+    serve.add_argument("--max-live-bytes", type=size_arg, metavar="SIZE",
                        help="estimated memory of live traces, held spans and open runs "
                             "(512MiB, 2GB), likewise (default: a quarter of the machine's or "
                             "the cgroup's memory, at least 64MiB)")
@@ -222,9 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--api-token", default=os.environ.get("OUTCOMEWATCH_API_TOKEN"),
                         metavar="T", help="the server's API write token (default: "
                                           "$OUTCOMEWATCH_API_TOKEN)")
-    replay.add_argument("--since", type=_duration_arg, metavar="DURATION",
+    replay.add_argument("--since", type=duration_arg, metavar="DURATION",
                         help="only spans received this long ago or later (default: all)")
-    replay.add_argument("--trace-idle", type=_duration_arg, default=timedelta(seconds=10),
+    replay.add_argument("--trace-idle", type=duration_arg, default=timedelta(seconds=10),
                         metavar="DURATION", help="as for serve (default 10s)")
     replay.add_argument("--format", choices=["text", "json"], default="text")
 
@@ -232,15 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="serve the example rules on a short clock and play the seed stories")
     demo.add_argument("--db", metavar="FILE",
                       help="DuckDB file (default: a fresh data/demo/outcomewatch.duckdb)")
-    demo.add_argument("--grpc", type=_address_arg, default=("127.0.0.1", 4317),
+    demo.add_argument("--grpc", type=address_arg, default=("127.0.0.1", 4317),
                       metavar="HOST:PORT", help="OTLP/gRPC listen address (default 127.0.0.1:4317)")
-    demo.add_argument("--http", type=_address_arg, default=("127.0.0.1", 4318),
+    demo.add_argument("--http", type=address_arg, default=("127.0.0.1", 4318),
                       metavar="HOST:PORT", help="OTLP/HTTP listen address (default 127.0.0.1:4318)")
-    demo.add_argument("--api", type=_address_arg, default=("127.0.0.1", 8080),
+    demo.add_argument("--api", type=address_arg, default=("127.0.0.1", 8080),
                       metavar="HOST:PORT", help="console and API address (default 127.0.0.1:8080)")
     demo.add_argument("--rules", default="rules/examples", metavar="DIR",
                       help="rules to copy with every `within` scaled down (default rules/examples)")
-    demo.add_argument("--every", type=_duration_arg, default=timedelta(seconds=30),
+    demo.add_argument("--every", type=duration_arg, default=timedelta(seconds=30),
                       metavar="DURATION", help="how often the stories play again (default 30s)")
     demo.add_argument("--log-level", default="warning",
                       choices=["debug", "info", "warning", "error"])
@@ -252,16 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--api", metavar="URL",
                         help="a running server's API (GET /api/v1/suggestions), like "
                              "http://127.0.0.1:8080")
-    suggest.add_argument("--since", type=_duration_arg, default=timedelta(days=7),
+    suggest.add_argument("--since", type=duration_arg, default=timedelta(days=7),
                          metavar="DURATION", help="spans received this long ago or later "
                                                   "(default 7d)")
     suggest.add_argument("--trigger", default="*", metavar="GLOB",
                          help="only workflow starts whose span name matches (default *)")
-    suggest.add_argument("--min-traces", type=_positive_int_arg, default=20, metavar="N",
+    suggest.add_argument("--min-traces", type=positive_int_arg, default=20, metavar="N",
                          help="only workflow starts seen in at least N traces (default 20)")
     suggest.add_argument("--format", choices=["text", "yaml", "json"], default="text",
                          help="yaml: a rule file `outcomewatch check` accepts (default text)")
-    suggest.add_argument("--trace-idle", type=_duration_arg, default=timedelta(seconds=10),
+    suggest.add_argument("--trace-idle", type=duration_arg, default=timedelta(seconds=10),
                          metavar="DURATION", help="for the backtest, as for serve (default 10s)")
     suggest.add_argument("--api-token", metavar="TOKEN",
                          default=os.environ.get("OUTCOMEWATCH_API_READ_TOKEN")
@@ -445,7 +362,6 @@ def _replay_api(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from outcomewatch import demo
     from outcomewatch.listeners import Address
