@@ -8,6 +8,7 @@ server's output goes to a file, never to an undrained pipe that would block it w
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import signal
 import socket
@@ -94,8 +95,9 @@ class ServeProcess:
         self.wait_for(self._healthy, "the server to be healthy")
 
     def _copy_output(self) -> None:
-        assert self.popen.stdout is not None
-        for chunk in iter(lambda: self.popen.stdout.read1(65536), b""):  # type: ignore[union-attr]
+        stdout = self.popen.stdout
+        assert isinstance(stdout, io.BufferedReader)  # a PIPE, buffered by default
+        for chunk in iter(lambda: stdout.read1(65536), b""):
             self._log.write(chunk)
             self._log.flush()
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, Status, StatusCode
 
 from tests.harness import running_server, trace_id_of
 
@@ -63,7 +64,7 @@ def test_a_run_with_a_deadline_is_due_at_it(tmp_path: Path) -> None:
         assert run["due_at"] is not None and run["at_risk"] == []
 
 
-def _context_of(span: object) -> object:
+def _context_of(span: Span) -> Context:
     from opentelemetry import trace
 
-    return trace.set_span_in_context(span)  # type: ignore[arg-type]
+    return trace.set_span_in_context(span)

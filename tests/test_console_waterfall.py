@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from outcomewatch.api.console.view import SCALE, duration, waterfall
+from collections.abc import Iterable
+
+from outcomewatch.api.console.view import SCALE, Row, duration, waterfall
 from outcomewatch.api.schemas_trace import SpanOut
 from outcomewatch.model import Span, SpanStatus
 
@@ -16,7 +18,7 @@ def span(span_id: str, parent: str, name: str, start_ms: int, end_ms: int) -> Sp
         end_ns=end_ms * 1_000_000, status=SpanStatus.OK, status_message=""))
 
 
-def render(rows) -> str:
+def render(rows: Iterable[Row]) -> str:
     return "".join(f"{'  ' * r.depth}{r.name}{'' if r.span else ' (missing)'}\n" for r in rows)
 
 

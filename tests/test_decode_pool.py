@@ -45,7 +45,7 @@ def mixed_request() -> ExportTraceServiceRequest:
     span = other.scope_spans.add().spans.add(name="email.sent", trace_id=TRACE_ID,
                                              span_id=b"\x03" * 8)
     span.start_time_unix_nano, span.end_time_unix_nano = 5, 6
-    span.status.code, span.status.message = 2, "provider said 550"
+    span.status.code, span.status.message = span.status.STATUS_CODE_ERROR, "provider said 550"
     span.attributes.add(key="http.response.status_code").value.int_value = 550
     span.events.add(name="retry", time_unix_nano=5)
     return request

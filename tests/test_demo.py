@@ -50,6 +50,7 @@ def test_the_demo_command_fills_the_console_and_stops_on_ctrl_c(tmp_path):
     try:
         url = wait_for(lambda: (lambda m: m and m[1])(URL.search(out.read_text())),
                        "the URL to open")
+        assert url
         with httpx.Client(base_url=url, timeout=10) as api:
             def filled() -> bool:
                 rules = {i["rule"] for i in api.get("/api/v1/incidents").json()["incidents"]}

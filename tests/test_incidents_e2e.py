@@ -149,9 +149,11 @@ def test_a_receiver_that_fails_three_times_then_recovers_gets_each_notification_
         for attempt in range(1, 4):
             # Wait until the refusal is recorded (with its backoff counted from the current
             # clock) before moving the clock past that backoff.
-            failed = w.server.wait_for(lambda a=attempt: [
-                n for n in w.server.get("/api/v1/notifications", status="failed")[
-                    "notifications"] if n["attempts"] == a], what=f"attempt {attempt}")
+            def refused(a: int = attempt) -> list[dict[str, Any]]:
+                return [n for n in w.server.get("/api/v1/notifications", status="failed")[
+                    "notifications"] if n["attempts"] == a]
+
+            failed = w.server.wait_for(refused, what=f"attempt {attempt}")
             assert [n["target"] for n in failed] == ["webhook"]
             w.server.advance(timedelta(minutes=5))  # past any backoff
         assert w.webhook_statuses(1) == [("firing", "opened")]

@@ -52,9 +52,10 @@ def test_the_python_snippets_run_and_their_workflows_pass(
         try:
             for rule in ("payment-failed-updates-access", "subscription-provisioned",
                          "backup-restore-proven"):
-                [run] = server.wait_for(
-                    lambda rule=rule: [r for r in server.runs(rule=rule)
-                                       if r["status"] != "open"], what=f"a verdict of {rule}")
+                def verdicts(rule: str = rule) -> list[dict[str, Any]]:
+                    return [r for r in server.runs(rule=rule) if r["status"] != "open"]
+
+                [run] = server.wait_for(verdicts, what=f"a verdict of {rule}")
                 assert (rule, run["status"], run["missing"]) == (rule, "passed", [])
         finally:
             provider.shutdown()

@@ -119,7 +119,7 @@ def test_any_bytes_decode_to_a_batch_or_are_refused_as_invalid_protobuf(data):
 
 # -- (b) structured requests against an oracle of the limits -------------------------------------
 
-scalars = st.one_of(
+scalars: st.SearchStrategy[AnyValue] = st.one_of(
     st.builds(AnyValue),
     st.text(max_size=12).map(lambda s: AnyValue(string_value=s)),
     st.binary(max_size=12).map(lambda b: AnyValue(bytes_value=b)),
@@ -256,8 +256,9 @@ def oracle_accepts(span: PbSpan, limits: SpanLimits) -> bool:
         and len(span.attributes) <= limits.max_attributes_per_span
         and len(span.events) <= limits.max_events_per_span
         and len(span.links) <= limits.max_links_per_span
-        and all(_attributes_fit(list(x.attributes), limits)
-                for x in [span, *span.events, *span.links])
+        and all(_attributes_fit(list(attributes), limits) for attributes in
+                [span.attributes, *(e.attributes for e in span.events),
+                 *(link.attributes for link in span.links)])
     )
 
 

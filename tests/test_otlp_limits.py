@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 
 from outcomewatch import otlp, otlp_limits
@@ -19,7 +20,9 @@ from tests.spans import TRACE_ID, nested_value
 SPAN = "resource_spans[0].scope_spans[0].spans"
 
 
-def request_of(*spans: PbSpan, resource: dict[str, AnyValue] | None = None):
+def request_of(
+    *spans: PbSpan, resource: dict[str, AnyValue] | None = None
+) -> ExportTraceServiceRequest:
     """One resource (service "svc" unless ``resource`` is given), one scope, these spans."""
     request = ExportTraceServiceRequest()
     resource_spans = request.resource_spans.add()
@@ -263,7 +266,7 @@ def test_a_value_that_no_span_column_holds_rejects_that_span_alone(field, value,
 
 def test_the_edges_of_each_span_column_are_accepted_as_sent():
     edge = span(0)
-    edge.kind, edge.status.code = 5, 2
+    edge.kind, edge.status.code = PbSpan.SPAN_KIND_CONSUMER, edge.status.STATUS_CODE_ERROR
     edge.start_time_unix_nano = edge.end_time_unix_nano = 2**63 - 1
     edge.flags = edge.dropped_attributes_count = edge.dropped_events_count = 2**32 - 1
     batch = decode(request_of(edge))
@@ -275,7 +278,11 @@ def test_the_edges_of_each_span_column_are_accepted_as_sent():
 
 @pytest.mark.parametrize(
     "request_",
-    [ExportTraceServiceRequest(), request_of(), ExportTraceServiceRequest(resource_spans=[{}])],
+    [
+        ExportTraceServiceRequest(),
+        request_of(),
+        ExportTraceServiceRequest(resource_spans=[ResourceSpans()]),
+    ],
     ids=["no resource_spans", "no spans", "empty resource_spans"],
 )
 def test_an_empty_request_is_an_empty_batch(request_):
@@ -326,5 +333,5 @@ def test_limits_must_be_positive_ints_and_given_by_name():
     with pytest.raises(ValueError, match="max_attributes_per_span must be a positive int"):
         SpanLimits(max_attributes_per_span=True)
     with pytest.raises(TypeError):
-        Limits(1024)  # type: ignore[misc]
+        Limits(1024)  # type: ignore[call-arg]
     assert isinstance(Limits(), SpanLimits)

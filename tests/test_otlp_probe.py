@@ -3,6 +3,8 @@ protobuf parses, however the envelope's fields are ordered or extended."""
 
 from __future__ import annotations
 
+from typing import cast
+
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 
 from outcomewatch.otlp import batch_from_request, parse_protobuf
@@ -24,7 +26,7 @@ def _len_field(number: int, payload: bytes) -> bytes:
 
 def _span(n: int) -> bytes:
     return PbSpan(name=f"s{n}", trace_id=TRACE_ID, span_id=(n + 1).to_bytes(8, "big"),
-                  kind=n % 6).SerializeToString()
+                  kind=cast("PbSpan.SpanKind.ValueType", n % 6)).SerializeToString()
 
 
 def test_spans_are_cut_in_order_across_interleaved_and_unknown_fields():

@@ -4,6 +4,7 @@ exporter and by a raw grpc channel (for what the exporter never sends)."""
 from __future__ import annotations
 
 import gzip
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -36,12 +37,12 @@ def grpc_receiver(
     token: str | None = None,
 ) -> Iterator[int]:
     """Serve the receiver on its own loop thread; yield the port."""
-    options = {"clock_ns": clock_ns} if clock_ns else {}
     with running_event_loop() as loop:
         server, port = run_in(
             loop,
             start_grpc_receiver(
-                sink, host="127.0.0.1", port=0, limits=limits or Limits(), token=token, **options
+                sink, host="127.0.0.1", port=0, limits=limits or Limits(),
+                clock_ns=clock_ns or time.time_ns, token=token,
             ),
         )
         try:

@@ -58,7 +58,7 @@ def test_it_hands_the_spans_of_the_official_exporter_to_the_sink(compression):
     with running_asgi(app) as base_url:
         exporter = OTLPSpanExporter(endpoint=f"{base_url}/v1/traces", compression=compression)
         assert exporter.export(spans) == SpanExportResult.SUCCESS
-        exporter.shutdown()
+        exporter.shutdown()  # type: ignore[no-untyped-call]  # unannotated upstream
     [batch] = sink.batches
     by_name = {span.name: span for span in spans}
     assert sorted(batch.name) == ["POST /orders", "charge"]
@@ -359,7 +359,7 @@ def test_with_a_token_it_accepts_the_official_exporter_sending_it(compression):
             headers={"authorization": "Bearer s3cret"},
         )
         assert exporter.export(sdk_spans()) == SpanExportResult.SUCCESS
-        exporter.shutdown()
+        exporter.shutdown()  # type: ignore[no-untyped-call]  # unannotated upstream
     assert sorted(sink.span_names) == ["POST /orders", "charge"]
 
 
@@ -369,7 +369,7 @@ def test_with_a_token_it_refuses_the_official_exporter_without_it():
     with running_asgi(app) as base_url:
         exporter = OTLPSpanExporter(endpoint=f"{base_url}/v1/traces", timeout=5)
         assert exporter.export(sdk_spans()) == SpanExportResult.FAILURE
-        exporter.shutdown()
+        exporter.shutdown()  # type: ignore[no-untyped-call]  # unannotated upstream
     assert sink.batches == []
 
 

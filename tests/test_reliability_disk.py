@@ -107,7 +107,7 @@ def _ready(server: ServeProcess) -> int:
 
 
 def _stored_spans(db: Path) -> set[tuple[str, str]]:
-    return set(read_db(db, "SELECT trace_id, span_id FROM spans"))  # type: ignore[arg-type]
+    return set(read_db(db, "SELECT trace_id, span_id FROM spans"))
 
 
 def _serve(

@@ -86,7 +86,11 @@ def test_readyz_is_503_while_draining_and_in_flight_exports_still_commit(
         # Hold the writer, so that an export is in flight (received, not yet committed) when
         # the stop begins.
         started, release = threading.Event(), threading.Event()
-        store.submit(lambda db: (started.set(), release.wait(20)))
+        def hold(db: object) -> None:
+            started.set()
+            release.wait(20)
+
+        store.submit(hold)
         assert started.wait(10)
         client = RawClient(running.grpc_endpoint)
         late = RawClient(running.grpc_endpoint)

@@ -109,7 +109,11 @@ def test_the_official_exporter_retries_after_unavailable_and_then_succeeds(
         assert store is not None
         # Hold the writer inside a job, and fill the queue behind it: the store is now full.
         started, release = threading.Event(), threading.Event()
-        store.submit(lambda db: (started.set(), release.wait(20)))
+        def hold(db: object) -> None:
+            started.set()
+            release.wait(20)
+
+        store.submit(hold)
         assert started.wait(10)
         store.submit(lambda db: None)
 

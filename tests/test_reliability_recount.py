@@ -44,8 +44,10 @@ def test_kill_9_right_after_failures_are_counted_never_counts_one_twice(tmp_path
             client.close()
 
             expected = len(failed)
-            wait_for(lambda s=server, n=expected: _counted(s) >= n,
-                     "the round's failures to be counted")
+            def counted(s: ServeProcess = server, n: int = expected) -> bool:
+                return _counted(s) >= n
+
+            wait_for(counted, "the round's failures to be counted")
             server.kill9()
     # A last start recovers the last round, then a clean stop.
     with serving(tmp_path, trace_idle="150ms", db=db) as server:

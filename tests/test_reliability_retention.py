@@ -59,7 +59,7 @@ def _stored_traces(store: Store) -> dict[str, int]:
     return {str(t): int(n) for t, n in rows}
 
 
-def test_each_span_goes_after_its_own_retention_and_open_runs_keep_theirs(tmp_path: Path):
+def test_each_span_goes_after_its_own_retention_and_open_runs_keep_theirs(tmp_path: Path) -> None:
     store = Store(str(tmp_path / "ow.duckdb"))
     try:
         kept = {
@@ -101,7 +101,7 @@ def test_each_span_goes_after_its_own_retention_and_open_runs_keep_theirs(tmp_pa
         store.close()
 
 
-def test_deletes_in_windows_of_at_most_max_rows(tmp_path: Path):
+def test_deletes_in_windows_of_at_most_max_rows(tmp_path: Path) -> None:
     store = Store(str(tmp_path / "ow.duckdb"))
     try:
         base = to_ns(NOW) - 20 * DAY_NS
@@ -128,7 +128,7 @@ def test_deletes_in_windows_of_at_most_max_rows(tmp_path: Path):
         store.close()
 
 
-def test_the_server_deletes_on_its_interval_and_keeps_incident_evidence(tmp_path: Path):
+def test_the_server_deletes_on_its_interval_and_keeps_incident_evidence(tmp_path: Path) -> None:
     with inprocess_server(tmp_path, retention_interval=timedelta(milliseconds=50)) as running:
         tracer = running.tracer("grpc", **{"service.name": "accounts"})
         with (tracer.start_as_current_span("signup.completed") as passing,

@@ -189,7 +189,7 @@ def test_a_charge_that_started_before_the_checkout_does_not_count_after_trigger(
     assert (run["status"], run["missing"]) == ("failed", ["payment.charge"])
 
 
-def test_over_max_live_traces_the_oldest_are_judged_early_and_counted(tmp_path: Path):
+def test_over_max_live_traces_the_oldest_are_judged_early_and_counted(tmp_path: Path) -> None:
     with running_server(tmp_path, max_live_traces=2) as server:
         tracer = server.tracer("grpc", **{"service.name": "billing"})
         traces = []

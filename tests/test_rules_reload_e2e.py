@@ -99,7 +99,7 @@ def test_a_valid_reload_through_the_api_answers_with_the_rule_count(tmp_path):
         assert (response.json()["status"], response.json()["rules"]) == ("reloaded", 2)
 
 
-def test_sighup_reloads_the_rules_of_a_running_process(tmp_path: Path):
+def test_sighup_reloads_the_rules_of_a_running_process(tmp_path: Path) -> None:
     with serving(tmp_path, trace_idle="10s") as process:
         rules = tmp_path / "rules.yaml"
         before = rules.stat()

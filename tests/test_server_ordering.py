@@ -35,7 +35,7 @@ def spans(clock: ManualClock, *items: tuple[int, int, str]) -> SpanBatch:
         pb_span = scope.spans.add(name=name, trace_id=trace.to_bytes(16, "big"),
                                   span_id=span.to_bytes(8, "big"))
         pb_span.start_time_unix_nano, pb_span.end_time_unix_nano = now - 1000, now
-        pb_span.status.code = 1
+        pb_span.status.code = pb_span.status.STATUS_CODE_OK
     return batch_from_request(request, received_ns=now)
 
 

@@ -25,7 +25,8 @@ PAIRS = 30
 NO_JOB = {2, 7, 12, 17, 22, 27}  # 6 of 30 subscriptions never provisioned: 20%
 
 
-def _span(trace: bytes, name: str, start: int, *, kind: int = Span.SPAN_KIND_INTERNAL,
+def _span(trace: bytes, name: str, start: int, *,
+          kind: Span.SpanKind.ValueType = Span.SPAN_KIND_INTERNAL,
           parent: bytes = b"", ok: bool = False, links: tuple[bytes, ...] = (),
           **attributes: str) -> Span:
     span = Span(trace_id=trace, span_id=os.urandom(8), parent_span_id=parent, name=name,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
@@ -23,8 +24,10 @@ from tests.spans import TRACE_ID, nested_value
 CORPUS = Path(__file__).resolve().parent.parent / "corpus" / "otlp"
 
 
-def _span(n: int, name: str, **fields: object) -> Span:
-    span = Span(trace_id=TRACE_ID, span_id=(n + 1).to_bytes(8, "big"), name=name, **fields)
+def _span(n: int, name: str, *, kind: Span.SpanKind.ValueType = Span.SPAN_KIND_UNSPECIFIED,
+          parent_span_id: bytes = b"") -> Span:
+    span = Span(trace_id=TRACE_ID, span_id=(n + 1).to_bytes(8, "big"), name=name, kind=kind,
+                parent_span_id=parent_span_id)
     span.start_time_unix_nano = 1_700_000_000_000_000_000 + n
     span.end_time_unix_nano = span.start_time_unix_nano + 1_000_000
     return span
@@ -83,7 +86,7 @@ def _too_deep_to_parse() -> bytes:
 
 def _odd_enums() -> ExportTraceServiceRequest:
     request = ExportTraceServiceRequest()
-    span = _span(0, "odd", kind=99)
+    span = _span(0, "odd", kind=cast("Span.SpanKind.ValueType", 99))
     span.status.code = 7  # type: ignore[assignment]
     request.resource_spans.add().scope_spans.add().spans.append(span)
     return request
