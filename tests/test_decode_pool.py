@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -29,6 +31,7 @@ from tests.processes import serving, wait_for
 from tests.spans import TRACE_ID, raw_request
 
 LIMITS = SpanLimits(max_attributes_per_span=3)
+T = TypeVar("T")
 
 
 def mixed_request() -> ExportTraceServiceRequest:
@@ -51,12 +54,27 @@ def mixed_request() -> ExportTraceServiceRequest:
     return request
 
 
+@dataclass
+class Pooled:
+    """A pool of one worker and the event loop its pipes belong to."""
+
+    decoder: DecodePool
+    runner: asyncio.Runner
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return self.runner.run(coroutine)
+
+    def decode(self, body: bytes, received_ns: int) -> SpanBatch:
+        return self.run(self.decoder.decode(body, received_ns))
+
+
 @pytest.fixture
-def pool() -> Iterator[DecodePool]:
-    decoder = DecodePool(1, LIMITS)
-    asyncio.run(decoder.start())
-    yield decoder
-    decoder.close()
+def pool() -> Iterator[Pooled]:
+    with asyncio.Runner() as runner:
+        pooled = Pooled(DecodePool(1, LIMITS), runner)
+        pooled.run(pooled.decoder.start())
+        yield pooled
+        pooled.run(pooled.decoder.close())
 
 
 def same(a: SpanBatch, b: SpanBatch) -> None:
@@ -74,7 +92,7 @@ def test_a_worker_sends_back_the_batch_the_server_would_have_made(pool):
     body = mixed_request().SerializeToString()
     here = decode_here(body, 42, LIMITS)
     assert here.rejected == 1 and len(here) == 2 and here.linked() == {0}
-    there = asyncio.run(pool.decode(body, 42))
+    there = pool.decode(body, 42)
     assert there._table is not None and not there.raw  # the table form, not re-decoded lists
     same(here, there)
     assert there.decode(1).attributes == {"http.response.status_code": 550}
@@ -102,36 +120,80 @@ def test_an_invalid_request_is_refused_with_the_same_error(pool):
     with pytest.raises(InvalidPayload) as here:
         decode_here(body, 1, LIMITS)
     with pytest.raises(InvalidPayload) as there:
-        asyncio.run(pool.decode(body, 1))
+        pool.decode(body, 1)
     assert str(there.value) == str(here.value)
 
 
 def test_a_dead_worker_costs_no_export(pool):
     body = mixed_request().SerializeToString()
-    (pid,) = pool.pids()
+    (pid,) = pool.decoder.pids()
     os.kill(pid, signal.SIGKILL)
-
-    async def decode_twice() -> tuple[SpanBatch, SpanBatch]:
-        return await pool.decode(body, 7), await pool.decode(body, 8)
-
-    first, second = asyncio.run(decode_twice())
+    first = pool.decode(body, 7)  # sent to the dead worker, decoded here
     same(first, decode_here(body, 7, LIMITS))
+    assert pool.decoder.replaced == 1
+    (new,) = pool.decoder.pids()
+    assert new != pid
+    pool.run(wait_until_ready(pool.decoder))
+    second = pool.decode(body, 8)  # by the new worker
+    assert second._table is not None and not second.raw
     same(second, decode_here(body, 8, LIMITS))
-    assert pool.replaced == 1
-    assert pool.pids() and pid not in pool.pids()
+    assert pool.decoder.replaced == 1
+
+
+async def wait_until_ready(decoder: DecodePool) -> None:
+    assert all([await worker.wait_ready() for worker in decoder._pool])
+
+
+def test_a_worker_that_dies_idle_is_replaced(pool):
+    (pid,) = pool.decoder.pids()
+
+    async def kill_and_wait_for_the_new_one() -> None:
+        gone = pool.decoder._pool[0]
+        os.kill(pid, signal.SIGKILL)
+        await gone.reap()  # its replies ended: the replacement has been started
+        assert pool.decoder._replacing
+        await asyncio.gather(*pool.decoder._replacing)
+        await wait_until_ready(pool.decoder)
+
+    pool.run(kill_and_wait_for_the_new_one())
+    assert pool.decoder.replaced == 1 and pool.decoder.pids() != [pid]
+    body = mixed_request().SerializeToString()
+    batch = pool.decode(body, 3)
+    assert batch._table is not None
+    same(batch, decode_here(body, 3, LIMITS))
+
+
+def test_exports_in_flight_are_answered_in_order_and_before_close(pool):
+    """Several exports pipelined to one worker each get their own batch, and close() waits
+    for the worker to answer them rather than dropping them."""
+    bodies = [raw_request(bytes([k + 1]) * 8, bytes([k + 2]) * 8, service=f"s{k}")
+              .SerializeToString() for k in range(20)]
+
+    async def decode_all_then_close() -> list[SpanBatch]:
+        decoding = [asyncio.create_task(pool.decoder.decode(b, k)) for k, b in enumerate(bodies)]
+        await asyncio.sleep(0)  # all sent to the worker
+        assert pool.decoder._pool[0].load == len(bodies)
+        await pool.decoder.close()
+        return list(await asyncio.gather(*decoding))
+
+    batches = pool.run(decode_all_then_close())
+    for k, (body, batch) in enumerate(zip(bodies, batches, strict=True)):
+        assert batch._table is not None  # decoded by the worker, not here
+        same(batch, decode_here(body, k, LIMITS))
+    assert pool.decoder.replaced == 0 and pool.decoder.pids() == []
 
 
 def test_a_worker_ignores_ctrl_c_and_sigterm_the_server_stops_it(pool):
     body = mixed_request().SerializeToString()
-    (pid,) = pool.pids()
+    (pid,) = pool.decoder.pids()
     os.kill(pid, signal.SIGINT)
     os.kill(pid, signal.SIGTERM)
-    same(asyncio.run(pool.decode(body, 9)), decode_here(body, 9, LIMITS))
-    assert pool.pids() == [pid] and pool.replaced == 0
-    pool.close()
-    assert pool.pids() == []
+    same(pool.decode(body, 9), decode_here(body, 9, LIMITS))
+    assert pool.decoder.pids() == [pid] and pool.decoder.replaced == 0
+    pool.run(pool.decoder.close())
+    assert pool.decoder.pids() == []
     with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)  # gone (reaped by the pool's shutdown)
+        os.kill(pid, 0)  # gone (reaped by close)
 
 
 def test_no_workers_decodes_in_the_calling_process():
@@ -222,8 +284,8 @@ def alive(pid: int) -> bool:
 
 def test_the_workers_of_a_killed_server_leave_with_it(tmp_path):
     with serving(tmp_path, args=["--decode-workers", "1"]) as server:
-        workers = [pid for pid in children_of(server.pid)
-                   if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+        workers = [pid for pid in children_of(server.pid) if "outcomewatch.receiver.decode_worker"
+                   in Path(f"/proc/{pid}/cmdline").read_text()]
         assert len(workers) == 1
         server.kill9()
         wait_for(lambda: not any(alive(pid) for pid in workers) or None,

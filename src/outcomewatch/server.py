@@ -308,7 +308,7 @@ class Server:
         if self._notifier is not None:
             await self._notifier.aclose()
         if self.decoder is not None:
-            await asyncio.to_thread(self.decoder.close)
+            await self.decoder.close()
         if self.pipeline is not None:
             self.pipeline.flush()  # decided but not yet queued: stored before the file closes
         if self.store is not None:

@@ -4,42 +4,46 @@ Why processes: the server's Python runs under one GIL, and the decode of an expo
 fields read span by span, then the Arrow rows of the store) is the largest piece of Python per
 span. In the server's process it also slows the DuckDB writer far beyond its own cost: DuckDB's
 Python client takes the GIL back between the tasks of every statement, and each time waits for
-the thread that holds it (a 1,500-span insert measured 7 ms alone, ~110 ms beside one busy
+the thread that holds it (a 1,000-span insert measured 2.3 ms alone, 75 ms beside one busy
 Python thread). A worker gets the request's bytes and sends back the batch as one Arrow IPC
 buffer (``SpanBatch.to_wire``): no per-span pickling either way.
 
+Why pipes read by the event loop rather than a ProcessPoolExecutor: the executor moves every
+task and result through two threads of its own (a feeder and a result handler) that took 12-17%
+of the server's samples and contended for the GIL with the writer. Here the loop writes the
+body to a worker's stdin and reads the reply from its stdout (receiver/decode_worker.py has the
+protocol); exports are pipelined, several to a worker, answered in order.
+
 Contract: ``decode`` gives the same batch (accepted spans, rejections and their messages) as
 ``otlp.batch_from_request(otlp.parse_protobuf(body), ...)`` in the server's process, and raises
-the same InvalidPayload. ``workers=0`` decodes in the calling process. A worker that dies (the
-kernel's OOM killer, say) costs no export: the pool is replaced, and the export that saw it die
-is decoded in the server's process (an export is acknowledged only once stored, so nothing
-acknowledged depends on a worker). A worker outlives the server by at most PARENT_CHECK_S.
-Workers are started with ``spawn``: forking a process that runs grpc and DuckDB threads is
-unsafe.
+the same InvalidPayload. ``workers=0`` decodes in the calling process, and so does a pool whose
+workers are not ready yet. A worker that dies (the kernel's OOM killer, say) costs no export: it
+is replaced, and the exports it held are decoded in the server's process (an export is
+acknowledged only once stored, so nothing acknowledged depends on a worker). A worker leaves
+when the server does, however the server ends: its stdin closes. ``start``, ``decode`` and
+``close`` run on one event loop (the pipes belong to it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
-import multiprocessing
 import os
-import signal
-import threading
-import time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+import pickle
+import sys
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
-from outcomewatch import otlp
 from outcomewatch.otlp import SpanBatch, WireBatch
 from outcomewatch.otlp_limits import SpanLimits
+from outcomewatch.receiver.decode_worker import FRAME, REQUEST, decode_here
 
 log = logging.getLogger(__name__)
 
 MAX_AUTO_WORKERS = 4
-PARENT_CHECK_S = 0.5  # how often a worker checks that the server is still there
 
 
 def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
@@ -68,93 +72,178 @@ def auto_workers(cpus: int | None = None) -> int:
     return max(0, min(MAX_AUTO_WORKERS, (cpus or usable_cpus()) - 1))
 
 
-def decode_here(body: bytes, received_ns: int, limits: SpanLimits) -> SpanBatch:
-    """Decode in the calling process."""
-    return otlp.batch_from_request(otlp.parse_protobuf(body), received_ns=received_ns,
-                                   limits=limits, body=body)
+STREAM_LIMIT = 1 << 22  # a reply is read whole: do not pause the pipe below this many bytes
+CLOSE_TIMEOUT_S = 10.0  # how long close() waits for a worker to answer what it holds
 
 
-def _decode_in_worker(body: bytes, received_ns: int, limits: SpanLimits) -> WireBatch:
-    return decode_here(body, received_ns, limits).to_wire()
+class _WorkerGone(Exception):
+    """The worker's stdout ended with exports unanswered."""
 
 
-def _ready() -> int:
-    return os.getpid()
+class _Worker:
+    """One worker process and the replies it owes, in the order the requests were written."""
 
+    def __init__(self, process: asyncio.subprocess.Process,
+                 on_gone: Callable[[_Worker], None]) -> None:
+        self.process = process
+        self._on_gone = on_gone
+        self.gone = False  # its replies ended: exited, killed, or closed
+        self._ready = asyncio.Event()
+        self._owed: deque[asyncio.Future[bytes]] = deque()
+        self._reader = asyncio.create_task(self._read_replies())
 
-def _start_worker(server_pid: int) -> None:
-    """Run in each worker first. A terminal's Ctrl-C, or systemd's SIGTERM to the whole unit,
-    reaches the workers too: the server decides when they stop (``close``), so they neither die
-    mid-export nor print a KeyboardInterrupt traceback of their own. And a worker leaves when
-    the server is gone without closing it (``kill -9``, a crash): its task queue would never
-    tell it (the worker holds both ends of the pipe), so a thread checks the parent."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    threading.Thread(target=_leave_with, args=(server_pid,), daemon=True,
-                     name="decode-worker-watchdog").start()
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and not self.gone
 
+    @property
+    def load(self) -> int:
+        return len(self._owed)
 
-def _leave_with(server_pid: int) -> None:
-    while os.getppid() == server_pid:
-        time.sleep(PARENT_CHECK_S)
-    os._exit(0)
+    def send(self, body: bytes, received_ns: int) -> asyncio.Future[bytes]:
+        """Write one request; the future is its reply's payload, or _WorkerGone. Header and
+        body are written with no await between them, so concurrent sends never interleave."""
+        assert self.process.stdin is not None
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._owed.append(future)
+        self.process.stdin.write(REQUEST.pack(len(body), received_ns))
+        self.process.stdin.write(body)  # to a dead worker: dropped, and its stdout ends
+        return future
+
+    async def wait_ready(self) -> bool:
+        """Wait until the worker has imported what it needs; False if it exited first."""
+        ready = asyncio.create_task(self._ready.wait())
+        await asyncio.wait({ready, self._reader}, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        return self.ready
+
+    async def _read_replies(self) -> None:
+        stdout = self.process.stdout
+        assert stdout is not None
+        try:
+            await stdout.readexactly(FRAME.size)
+            self._ready.set()
+            while True:
+                (length,) = FRAME.unpack(await stdout.readexactly(FRAME.size))
+                payload = await stdout.readexactly(length)
+                future = self._owed.popleft()
+                if not future.done():  # not cancelled by its exporter
+                    future.set_result(payload)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the worker is gone: what it owes is decoded elsewhere
+        finally:
+            self.gone = True
+            while self._owed:
+                future = self._owed.popleft()
+                if not future.done():
+                    future.set_exception(_WorkerGone())
+            self._on_gone(self)
+
+    async def stop(self, timeout: float) -> None:
+        """Close its stdin, wait for the replies it owes and its exit (killed after
+        ``timeout``)."""
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        _, late = await asyncio.wait({self._reader}, timeout=timeout)
+        if late:
+            log.error("a decode worker did not answer within %.0f s of closing; killed it",
+                      timeout)
+        await self.reap()
+
+    async def reap(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            if self.process.returncode is None:
+                self.process.kill()
+        await self.process.wait()
+        await asyncio.gather(self._reader, return_exceptions=True)
 
 
 class DecodePool:
-    """``await decode(body, received_ns)`` -> SpanBatch; ``start()`` before, ``close()`` after."""
+    """``await decode(body, received_ns)`` -> SpanBatch; ``await start()`` before,
+    ``await close()`` after."""
 
     def __init__(self, workers: int, limits: SpanLimits) -> None:
         if workers < 0:
             raise ValueError(f"decode workers must be 0 or more, got {workers}")
         self.workers = workers
         self._limits = limits
-        self._pool: ProcessPoolExecutor | None = None
-        self.replaced = 0  # pools replaced after a worker died
+        self._pool: list[_Worker] = []
+        self._closing = False
+        self._replacing: set[asyncio.Task[None]] = set()
+        self.replaced = 0  # workers replaced after one died
 
     async def start(self) -> None:
         """Start the workers and wait until each has imported what it needs (a second or so),
         so that the first exports do not pay for it."""
-        if self.workers:
-            self._pool = self._new_pool()
-            loop = asyncio.get_running_loop()
-            await asyncio.gather(*(loop.run_in_executor(self._pool, _ready)
-                                   for _ in range(self.workers)))
+        self._pool = [await self._spawn() for _ in range(self.workers)]
+        if not all(await asyncio.gather(*(w.wait_ready() for w in self._pool))):
+            await self.close()
+            raise RuntimeError("a decode worker exited while starting (its error is above); "
+                               "--decode-workers 0 decodes in the server's process")
 
-    def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_start_worker, initargs=(os.getpid(),))
+    async def _spawn(self) -> _Worker:
+        # The worker imports this package from where the server did (a source tree, a venv),
+        # as multiprocessing's spawn does: the server's sys.path.
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "outcomewatch.receiver.decode_worker", env=env,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=STREAM_LIMIT)
+        assert process.stdin is not None
+        limits = pickle.dumps(self._limits)
+        process.stdin.write(FRAME.pack(len(limits)) + limits)
+        return _Worker(process, self._gone)
+
+    def _gone(self, worker: _Worker) -> None:
+        """A worker's replies ended: replaced, unless the pool is closing (a worker that dies
+        idle is replaced too, not only one that dies holding an export)."""
+        if not self._closing and worker in self._pool:
+            task = asyncio.create_task(self._replace(worker))
+            self._replacing.add(task)
+            task.add_done_callback(self._replacing.discard)
 
     def pids(self) -> list[int]:
         """The worker processes' ids (for tests and diagnostics)."""
-        processes = getattr(self._pool, "_processes", None) or {}
-        return sorted(processes)
+        return sorted(w.process.pid for w in self._pool)
 
     async def decode(self, body: bytes, received_ns: int) -> SpanBatch:
-        pool = self._pool
-        if pool is None:
+        ready = [w for w in self._pool if w.ready]
+        if not ready:
             return decode_here(body, received_ns, self._limits)
+        worker = min(ready, key=lambda w: w.load)
         try:
-            wire = await asyncio.get_running_loop().run_in_executor(
-                pool, _decode_in_worker, body, received_ns, self._limits)
-        except BrokenProcessPool:
-            self._replace(pool)
+            payload = await worker.send(body, received_ns)
+        except _WorkerGone:
+            await self._replace(worker)
             return decode_here(body, received_ns, self._limits)
-        return SpanBatch.from_wire(wire)
+        kind, value = pickle.loads(payload)  # from our own worker
+        if kind == "error":
+            assert isinstance(value, BaseException)
+            raise value
+        assert isinstance(value, WireBatch)
+        return SpanBatch.from_wire(value)
 
-    def _replace(self, broken: ProcessPoolExecutor) -> None:
-        if self._pool is not broken:
-            return  # another export has replaced it already
-        log.error("a decode worker died; starting new ones (the exports it held are decoded "
-                  "in the server's process)")
+    async def _replace(self, gone: _Worker) -> None:
+        if gone not in self._pool or self._closing:
+            return  # another export has replaced it already, or the pool is closing
+        log.error("a decode worker died (exit code %s); starting a new one (the exports it "
+                  "held are decoded in the server's process)", gone.process.returncode)
         self.replaced += 1
-        self._pool = self._new_pool()
-        broken.shutdown(wait=False, cancel_futures=True)
+        self._pool.remove(gone)
+        await gone.reap()
+        if self._closing:
+            return
+        new = await self._spawn()
+        if self._closing:  # closed while it started: close() did not see it
+            await new.stop(CLOSE_TIMEOUT_S)
+        else:
+            self._pool.append(new)
 
-    def close(self) -> None:
-        """Stop the workers (the exports they hold are waited for)."""
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=False)
+    async def close(self) -> None:
+        """Stop the workers, once they have answered the exports they hold."""
+        self._closing = True
+        pool, self._pool = self._pool, []
+        await asyncio.gather(*(w.stop(CLOSE_TIMEOUT_S) for w in pool))
+        await asyncio.gather(*self._replacing, return_exceptions=True)
 
 
 __all__ = ["DecodePool", "auto_workers", "decode_here", "usable_cpus"]
