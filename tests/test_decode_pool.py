@@ -163,6 +163,14 @@ def test_a_worker_that_dies_idle_is_replaced(pool):
     same(batch, decode_here(body, 3, LIMITS))
 
 
+def test_a_worker_that_cannot_start_fails_the_start_and_is_not_respawned(capfd):
+    decoder = DecodePool(1, "not SpanLimits")  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="exited while starting"):
+        asyncio.run(decoder.start())
+    assert decoder.pids() == [] and decoder.replaced == 0
+    assert "AssertionError" in capfd.readouterr().err  # the worker's own error, on stderr
+
+
 def test_exports_in_flight_are_answered_in_order_and_before_close(pool):
     """Several exports pipelined to one worker each get their own batch, and close() waits
     for the worker to answer them rather than dropping them."""

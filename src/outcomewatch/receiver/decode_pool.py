@@ -34,8 +34,9 @@ import os
 import pickle
 import sys
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from outcomewatch.otlp import SpanBatch, WireBatch
 from outcomewatch.otlp_limits import SpanLimits
@@ -93,8 +94,13 @@ class _Worker:
         self._reader = asyncio.create_task(self._read_replies())
 
     @property
+    def started(self) -> bool:
+        """It said it was ready (it may have died since)."""
+        return self._ready.is_set()
+
+    @property
     def ready(self) -> bool:
-        return self._ready.is_set() and not self.gone
+        return self.started and not self.gone
 
     @property
     def load(self) -> int:
@@ -169,7 +175,7 @@ class DecodePool:
         self._limits = limits
         self._pool: list[_Worker] = []
         self._closing = False
-        self._replacing: set[asyncio.Task[None]] = set()
+        self._replacing: set[asyncio.Task[None]] = set()  # replacements, reaps
         self.replaced = 0  # workers replaced after one died
 
     async def start(self) -> None:
@@ -195,11 +201,24 @@ class DecodePool:
 
     def _gone(self, worker: _Worker) -> None:
         """A worker's replies ended: replaced, unless the pool is closing (a worker that dies
-        idle is replaced too, not only one that dies holding an export)."""
-        if not self._closing and worker in self._pool:
-            task = asyncio.create_task(self._replace(worker))
-            self._replacing.add(task)
-            task.add_done_callback(self._replacing.discard)
+        idle is replaced too, not only one that dies holding an export), or it died before it
+        was ready: a new one would too (a broken install, say), so its exports are decoded in
+        the server's process from then on rather than by a worker respawned every second."""
+        if self._closing or worker not in self._pool:
+            return
+        if not worker.started:
+            log.error("a decode worker exited before it was ready (its error is above); its "
+                      "share of the exports is decoded in the server's process")
+            self._pool.remove(worker)
+            self._in_background(worker.reap())
+            return
+        self._in_background(self._replace(worker))
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` as a task that close() waits for."""
+        task = asyncio.create_task(work)
+        self._replacing.add(task)
+        task.add_done_callback(self._replacing.discard)
 
     def pids(self) -> list[int]:
         """The worker processes' ids (for tests and diagnostics)."""
