@@ -2,7 +2,9 @@
 
 Why one writer: DuckDB serialises writers anyway, and a single thread lets concurrent exports
 share one transaction (group commit) so an acknowledgement costs one commit, not one per request.
-Spans go in as one Arrow table per commit, never a row per INSERT.
+Spans go in as one Arrow table per commit, never a row per INSERT; a group of exports alone is
+that one INSERT in autocommit (``_append``), a group with verdicts or other work one
+transaction around all of it.
 
 Contract: ``await store.append_spans(batch)`` returns once the spans are committed (the export
 may then be acknowledged); it raises Overloaded when the queue is full and StoreError when the
