@@ -151,8 +151,8 @@ def test_a_worker_that_dies_idle_is_replaced(pool):
         gone = pool.decoder._pool[0]
         os.kill(pid, signal.SIGKILL)
         await gone.reap()  # its replies ended: the replacement has been started
-        assert pool.decoder._replacing
-        await asyncio.gather(*pool.decoder._replacing)
+        assert pool.decoder._background
+        await asyncio.gather(*pool.decoder._background)
         await wait_until_ready(pool.decoder)
 
     pool.run(kill_and_wait_for_the_new_one())

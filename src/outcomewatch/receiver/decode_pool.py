@@ -175,7 +175,7 @@ class DecodePool:
         self._limits = limits
         self._pool: list[_Worker] = []
         self._closing = False
-        self._replacing: set[asyncio.Task[None]] = set()  # replacements, reaps
+        self._background: set[asyncio.Task[None]] = set()  # replacements, reaps
         self.replaced = 0  # workers replaced after one died
 
     async def start(self) -> None:
@@ -217,8 +217,8 @@ class DecodePool:
     def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` as a task that close() waits for."""
         task = asyncio.create_task(work)
-        self._replacing.add(task)
-        task.add_done_callback(self._replacing.discard)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def pids(self) -> list[int]:
         """The worker processes' ids (for tests and diagnostics)."""
@@ -262,7 +262,7 @@ class DecodePool:
         self._closing = True
         pool, self._pool = self._pool, []
         await asyncio.gather(*(w.stop(CLOSE_TIMEOUT_S) for w in pool))
-        await asyncio.gather(*self._replacing, return_exceptions=True)
+        await asyncio.gather(*self._background, return_exceptions=True)
 
 
 __all__ = ["DecodePool", "auto_workers", "decode_here", "usable_cpus"]

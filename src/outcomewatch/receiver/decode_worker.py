@@ -42,14 +42,13 @@ def decode_here(body: bytes, received_ns: int, limits: SpanLimits) -> SpanBatch:
                                    limits=limits, body=body)
 
 
-def reply(result: object) -> bytes:
-    """A reply frame's payload: ``result`` pickled (a foreign exception that does not pickle
+def reply(kind: str, value: object) -> bytes:
+    """A reply frame's payload: ``(kind, value)`` pickled (an exception that does not pickle
     goes as a RuntimeError naming it)."""
     try:
-        return pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps((kind, value), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:  # an exception with arguments pickle cannot rebuild
-        kind, value = result if isinstance(result, tuple) else ("error", result)
-        return pickle.dumps((kind, RuntimeError(f"{type(value).__name__}: {value}")))
+        return pickle.dumps(("error", RuntimeError(f"{type(value).__name__}: {value}")))
 
 
 def _read(stream: BinaryIO, n: int) -> bytes | None:
@@ -73,10 +72,9 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
         if body is None:
             return
         try:
-            result: tuple[str, object] = ("ok", decode_here(body, received_ns, limits).to_wire())
+            payload = reply("ok", decode_here(body, received_ns, limits).to_wire())
         except Exception as exc:
-            result = ("error", exc)
-        payload = reply(result)
+            payload = reply("error", exc)
         replies.write(FRAME.pack(len(payload)))
         replies.write(payload)
         replies.flush()

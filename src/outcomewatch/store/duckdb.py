@@ -438,8 +438,9 @@ class Store(ServerReads):
             "spans")
         for batch in batches:
             self._index.add(batch)
-        # Marked known before the commit: if the transaction rolls back, _commit_group clears
-        # the whole set, so a resource row is never assumed that was not stored.
+        # Marked known once the spans INSERT succeeded (committed, or in a transaction): if
+        # that transaction rolls back, _commit_group clears the whole set, so a resource row is
+        # never assumed that was not stored.
         if len(self._known_resources) > _MAX_KNOWN_RESOURCES:
             self._known_resources.clear()
         self._known_resources.update(new)
