@@ -65,4 +65,4 @@ class RecordingSink:
 
     @property
     def span_names(self) -> list[str]:
-        return [name for batch in self.batches for name in batch.name]
+        return [name for batch in self.batches for _, name in batch.spans_named(batch.names())]

@@ -82,7 +82,9 @@ def same(a: SpanBatch, b: SpanBatch) -> None:
     assert (a.received_ns, a.rejected, a.problems) == (b.received_ns, b.rejected, b.problems)
     assert a.table().equals(b.table())
     assert a.resources() == b.resources()
-    assert a.trace_id == b.trace_id and a.name == b.name
+    assert a.trace_ids() == b.trace_ids() and a.names() == b.names()
+    assert a.spans_named(a.names()) == b.spans_named(b.names())
+    assert [a.trace_id_of(i) for i in range(len(a))] == [b.trace_id_of(i) for i in range(len(b))]
     assert a.linked() == b.linked()
     assert [a.decode(i) for i in range(len(a))] == [b.decode(i) for i in range(len(b))]
     assert [a.link_targets(i) for i in a.linked()] == [b.link_targets(i) for i in b.linked()]
@@ -98,6 +100,24 @@ def test_a_worker_sends_back_the_batch_the_server_would_have_made(pool):
     assert there.decode(1).attributes == {"http.response.status_code": 550}
     assert there.decode(1).resource == {"service.name": "email"}
     assert there.link_targets(0) == [(b"\x07" * 16).hex()]
+
+
+def test_both_forms_give_distinct_ids_and_names_first_seen_and_named_spans_in_order():
+    """What the engine and the trace index read per batch, the same from the lists and from a
+    worker's table: spans interleaved across traces and names, repeats included."""
+    request = ExportTraceServiceRequest()
+    spans = request.resource_spans.add().scope_spans.add().spans
+    for k, (trace, name) in enumerate([(2, "b"), (1, "a"), (2, "a"), (3, "c"), (1, "b")]):
+        spans.add(trace_id=bytes([trace]) * 16, span_id=bytes([k + 1]) * 8, name=name)
+    body = request.SerializeToString()
+    here = decode_here(body, 42, LIMITS)
+    there = SpanBatch.from_wire(decode_here(body, 42, LIMITS).to_wire())
+    for batch in (here, there):
+        assert batch.trace_ids() == [(bytes([t]) * 16).hex() for t in (2, 1, 3)]
+        assert batch.names() == ["b", "a", "c"]
+        assert batch.spans_named({"b", "c"}) == [(0, "b"), (3, "c"), (4, "b")]
+        assert batch.spans_named(set()) == []
+        assert batch.trace_id_of(3) == (b"\x03" * 16).hex()
 
 
 def test_a_stamp_sets_received_ns_in_both_forms_alike():

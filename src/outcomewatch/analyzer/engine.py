@@ -238,19 +238,24 @@ class Engine:
         events: list[RunEvent] = []
         self._expire(now)
         live = self._live
-        for trace_id in set(batch.trace_id):
+        for trace_id in batch.trace_ids():
             trace = live.get(trace_id)
             if trace is not None:
                 trace.last_seen = now
                 trace.last_received_ns = max(trace.last_received_ns, batch.received_ns)
         interest_of = self._interest.get
+        # Only the spans of names some rule looks at (and, with correlation, the linked ones)
+        # are visited, in batch order: most of a batch is neither.
+        wanted = {name for name in batch.names()
+                  if (interest_of(name) or self._interest_in(name)) is not NO_INTEREST}
+        named = dict(batch.spans_named(wanted))
         linked = batch.linked() if self._correlation is not None else frozenset()
-        for i, name in enumerate(batch.name):
-            interest = interest_of(name) or self._interest_in(name)
-            if interest is NO_INTEREST:
-                if i in linked:
-                    self._link(batch.trace_id[i], batch.link_targets(i), now, events)
+        for i in sorted(named.keys() | linked) if linked else named:
+            name = named.get(i)
+            if name is None:
+                self._link(batch.trace_id_of(i), batch.link_targets(i), now, events)
                 continue
+            interest = interest_of(name) or self._interest_in(name)
             self._observe_span(batch.decode(i), interest, batch.received_ns, now, events)
         self._enforce_budget(now, events)
         return events

@@ -38,11 +38,8 @@ class PendingIndex:
         return bool(self._windows)
 
     def add(self, batch: SpanBatch) -> None:
-        windows, received, last = self._windows, batch.received_ns, None
-        for trace_id in batch.trace_id:
-            if trace_id == last:
-                continue
-            last = trace_id
+        windows, received = self._windows, batch.received_ns
+        for trace_id in batch.trace_ids():
             window = windows.get(trace_id)
             if window is None:
                 windows[trace_id] = [received, received]
