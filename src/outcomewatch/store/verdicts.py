@@ -10,9 +10,12 @@ with a handful of statements over Arrow tables in the writer's transaction.
     2. the states of the (rule, group) pairs the claimed verdicts touch: one SELECT of their
        flap-control streaks, one of their latest incidents.
     3. the lifecycle (incidents/lifecycle.py, pure) applies the claimed verdicts in order.
-    4. writes: streaks upserted, incidents upserted, failures inserted (with the incident they
-       count in), runs' incident ids, timeline rows, outbox rows (one per transition and target),
-       search keys, late outcomes; and the batch's watermark (verdict_state, see pipeline.py).
+    4. writes: streaks and incidents updated where stored and inserted where new (the batch
+       knows which: an UPDATE ... FROM costs a fraction of an INSERT ... ON CONFLICT DO
+       UPDATE), failures inserted (with the incident they count in), runs' incident ids,
+       timeline rows, outbox rows (one per transition and target), search keys, late outcomes;
+       and the batch's watermark (verdict_state, see pipeline.py). A statement whose incoming
+       rows are empty is not made. The incoming tables' schemas are in store/incoming.py.
 
 So a batch costs a fixed number of statements plus one per new incident (its id), whatever the
 number of runs in it; the statement costs grow with the (rule, group) pairs touched.
@@ -28,7 +31,6 @@ from datetime import datetime
 from typing import Any
 
 import duckdb
-import pyarrow as pa
 
 from outcomewatch import jsonsafe
 from outcomewatch.incidents.lifecycle import (
@@ -48,45 +50,25 @@ from outcomewatch.model import (
     RunOpened,
     RunPassed,
 )
+from outcomewatch.store.incoming import (
+    AT_RISK,
+    ATTACHED,
+    EVENTS,
+    FAILURES,
+    GROUPS,
+    INCIDENTS,
+    LATE,
+    OUTBOX,
+    RUNS,
+    STATES,
+    Keys,
+    table,
+    unregister,
+)
 
 log = logging.getLogger(__name__)
 
-_TS = pa.timestamp("us", tz="UTC")
-_RUNS = pa.schema([
-    ("id", pa.string()), ("rule", pa.string()), ("trace_id", pa.string()),
-    ("trigger_span_id", pa.string()), ("status", pa.string()), ("opened_at", _TS),
-    ("deadline_at", _TS), ("closed_at", _TS), ("reason", pa.string()),
-    ("missing", pa.list_(pa.string())), ("group_key", pa.string()),
-])
-_KEYS = pa.schema([("run_id", pa.string()), ("key", pa.string()), ("value", pa.string())])
-_GROUPS = pa.schema([("rule", pa.string()), ("group_key", pa.string())])
-_STATES = pa.schema([
-    ("rule", pa.string()), ("group_key", pa.string()), ("consecutive_failures", pa.int32()),
-    ("consecutive_passes", pa.int32()), ("held", pa.list_(pa.string())),
-])
-_INCIDENTS = pa.schema([
-    ("id", pa.int64()), ("rule", pa.string()), ("status", pa.string()),
-    ("severity", pa.string()), ("owner", pa.string()), ("route", pa.string()),
-    ("opened_at", _TS), ("last_failure_at", _TS), ("failure_count", pa.int32()),
-    ("summary", pa.string()), ("resolved_at", _TS), ("description", pa.string()),
-    ("group_key", pa.string()), ("acknowledged_at", _TS), ("episode_started_at", _TS),
-])
-INCIDENT_COLUMNS = ", ".join(_INCIDENTS.names)
-_FAILURES = pa.schema([
-    ("incident_id", pa.int64()), ("run_id", pa.string()), ("rule", pa.string()),
-    ("trace_id", pa.string()), ("failed_at", _TS), ("reason", pa.string()),
-    ("missing", pa.list_(pa.string())), ("detail", pa.string()), ("group_key", pa.string()),
-])
-_EVENTS = pa.schema([
-    ("incident_id", pa.int64()), ("occurred_at", _TS), ("kind", pa.string()),
-    ("actor", pa.string()), ("comment", pa.string()),
-])
-_OUTBOX = pa.schema([
-    ("incident_id", pa.int64()), ("transition", pa.string()), ("target", pa.string()),
-    ("route", pa.string()), ("payload", pa.string()), ("created_at", _TS),
-])
-_ATTACHED = pa.schema([("run_id", pa.string()), ("incident_id", pa.int64())])
-_LATE = pa.schema([("id", pa.string()), ("outcomes", pa.list_(pa.string())), ("at", _TS)])
+INCIDENT_COLUMNS = ", ".join(INCIDENTS.names)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,46 +117,15 @@ class Written:
     transitions: tuple[Transition, ...]
 
 
-def _table(db: duckdb.DuckDBPyConnection, name: str, rows: list[dict[str, Any]],
-           schema: pa.Schema) -> None:
-    db.register(name, pa.Table.from_pylist(rows, schema=schema))
-
-
-@dataclass
-class _Keys:
-    """run_keys rows, column by column: a run has up to MAX_SEARCH_KEYS of them, so a batch
-    has ten times more keys than runs, and a dict per row would cost more than the rest."""
-
-    run_id: list[str] = field(default_factory=list)
-    key: list[str] = field(default_factory=list)
-    value: list[str] = field(default_factory=list)
-
-    def add(self, run_id: str, pairs: Sequence[tuple[str, str]]) -> None:
-        self.run_id += [run_id] * len(pairs)
-        self.key += [k for k, _ in pairs]
-        self.value += [v for _, v in pairs]
-
-    def __bool__(self) -> bool:
-        return bool(self.run_id)
-
-    def register(self, db: duckdb.DuckDBPyConnection, name: str) -> None:
-        db.register(name, pa.Table.from_arrays([self.run_id, self.key, self.value],
-                                               schema=_KEYS))
-
-
-def _unregister(db: duckdb.DuckDBPyConnection, *names: str) -> None:
-    for name in names:
-        db.unregister(name)
-
-
 def write(db: duckdb.DuckDBPyConnection, batch: VerdictBatch) -> Written:
     """Store ``batch`` on ``db`` (inside the caller's transaction)."""
     runs, keys, verdicts = _run_rows(batch.events)
     claimed = _claim(db, runs, keys, verdicts)
     claimed -= _counted_already(db, verdicts, claimed)
-    lifecycle = Lifecycle(_load_states(db, verdicts, claimed), lambda: _next_id(db))
+    states, stored_streaks = _load_states(db, verdicts, claimed)
+    lifecycle = Lifecycle(states, lambda: _next_id(db))
     failures: list[dict[str, Any]] = []
-    keys_of_failures = _Keys()
+    keys_of_failures = Keys()
     for judged in verdicts:
         verdict = judged.verdict
         if verdict.run_id not in claimed:
@@ -197,11 +148,11 @@ def write(db: duckdb.DuckDBPyConnection, batch: VerdictBatch) -> Written:
     attached = dict(lifecycle.attached)
     for failure in failures:
         failure["incident_id"] = attached.get(failure["run_id"])
-    _write_lifecycle(db, lifecycle, failures, batch.targets)
+    _write_lifecycle(db, lifecycle, stored_streaks, failures, batch.targets)
     if keys_of_failures:
         keys_of_failures.register(db, "incoming_failure_keys")
         db.execute("INSERT INTO run_keys SELECT * FROM incoming_failure_keys")
-        _unregister(db, "incoming_failure_keys")
+        unregister(db, "incoming_failure_keys")
     late = [e for e in batch.events if isinstance(e, LateOutcome)]
     if late:
         _record_late(db, late)
@@ -222,11 +173,11 @@ def write(db: duckdb.DuckDBPyConnection, batch: VerdictBatch) -> Written:
 
 def _run_rows(
     events: Sequence[BatchEvent],
-) -> tuple[dict[str, dict[str, Any]], _Keys, list[Judged]]:
+) -> tuple[dict[str, dict[str, Any]], Keys, list[Judged]]:
     """One row per run named (its final state within the batch), the search keys of opened runs,
     and the verdicts, first one per run, in order."""
     runs: dict[str, dict[str, Any]] = {}
-    keys = _Keys()
+    keys = Keys()
     verdicts: list[Judged] = []
     decided: set[str] = set()
     for event in events:
@@ -265,14 +216,14 @@ def _run_rows(
 
 
 def _claim(
-    db: duckdb.DuckDBPyConnection, runs: dict[str, dict[str, Any]], keys: _Keys,
+    db: duckdb.DuckDBPyConnection, runs: dict[str, dict[str, Any]], keys: Keys,
     verdicts: list[Judged],
 ) -> set[str]:
     """Insert the runs not stored yet and close the open ones the batch decides; the run ids
     whose verdict this call stored."""
     if not runs:
         return set()
-    _table(db, "incoming_runs", list(runs.values()), _RUNS)
+    table(db, "incoming_runs", list(runs.values()), RUNS)
     keys.register(db, "incoming_keys")
     try:
         inserted = {row[0] for row in db.execute(
@@ -281,8 +232,12 @@ def _claim(
             "SELECT * FROM incoming_runs ON CONFLICT DO NOTHING RETURNING id").fetchall()}
         if keys and inserted:
             # Keys only of runs new in this statement: a re-sent trigger adds no second set.
-            db.execute("INSERT INTO run_keys SELECT * FROM incoming_keys WHERE list_contains(?, "
-                       "run_id)", [sorted(inserted)])
+            # Usually every run is new, and the filter (a list scan per key) is not needed.
+            if inserted.issuperset(keys.run_id):
+                db.execute("INSERT INTO run_keys SELECT * FROM incoming_keys")
+            else:
+                db.execute("INSERT INTO run_keys SELECT * FROM incoming_keys WHERE "
+                           "list_contains(?, run_id)", [sorted(inserted)])
         decided = {j.verdict.run_id for j in verdicts}
         claimed = decided & inserted
         pending = decided - inserted
@@ -293,7 +248,7 @@ def _claim(
                 "WHERE runs.id = v.id AND v.status <> 'open' AND runs.status = 'open' "
                 "RETURNING runs.id").fetchall()}
     finally:
-        _unregister(db, "incoming_runs", "incoming_keys")
+        unregister(db, "incoming_runs", "incoming_keys")
     return claimed
 
 
@@ -329,68 +284,80 @@ def incident_of(row: Sequence[Any]) -> Incident:
 
 def _load_states(
     db: duckdb.DuckDBPyConnection, verdicts: list[Judged], claimed: set[str]
-) -> dict[GroupId, GroupState]:
+) -> tuple[dict[GroupId, GroupState], set[GroupId]]:
+    """The state of every group the claimed verdicts touch, and the groups with a stored
+    rule_state row."""
     groups = sorted({(j.verdict.rule, group_key(j.verdict.group)) for j in verdicts
                      if j.verdict.run_id in claimed})
     if not groups:
-        return {}
-    _table(db, "touched_groups", [{"rule": r, "group_key": g} for r, g in groups], _GROUPS)
+        return {}, set()
+    table(db, "touched_groups", [{"rule": r, "group_key": g} for r, g in groups], GROUPS)
     try:
         streaks = db.execute(
             "SELECT s.rule, s.group_key, consecutive_failures, consecutive_passes, held "
             "FROM rule_state s JOIN touched_groups USING (rule, group_key)").fetchall()
         latest = db.execute(
-            f"SELECT {', '.join('i.' + c for c in _INCIDENTS.names)} FROM incidents i "
-            "JOIN touched_groups USING (rule, group_key) "
-            "QUALIFY row_number() OVER (PARTITION BY i.rule, i.group_key ORDER BY i.id DESC) = 1"
-        ).fetchall()
+            f"SELECT {INCIDENT_COLUMNS} FROM incidents WHERE id IN (SELECT max(i.id) "
+            "FROM incidents i JOIN touched_groups USING (rule, group_key) "
+            "GROUP BY i.rule, i.group_key)").fetchall()
     finally:
-        _unregister(db, "touched_groups")
+        unregister(db, "touched_groups")
     states = {(rule, key): GroupState(int(failures), int(passes), list(held or []))
               for rule, key, failures, passes, held in streaks}
     for row in latest:
         incident = incident_of(row)
         states.setdefault((incident.rule, incident.group_key), GroupState()).incident = incident
-    return states
+    return states, {(rule, key) for rule, key, *_ in streaks}
 
 
 def _write_lifecycle(
-    db: duckdb.DuckDBPyConnection, lifecycle: Lifecycle, failures: list[dict[str, Any]],
-    targets: Mapping[str, tuple[str, ...]],
+    db: duckdb.DuckDBPyConnection, lifecycle: Lifecycle, stored_streaks: set[GroupId],
+    failures: list[dict[str, Any]], targets: Mapping[str, tuple[str, ...]],
 ) -> None:
     names: list[str] = []
     try:
-        if lifecycle.touched:
-            names.append("incoming_states")
-            _table(db, "incoming_states", [
-                {"rule": rule, "group_key": key, "consecutive_failures": s.failures,
-                 "consecutive_passes": s.passes, "held": s.held}
-                for (rule, key) in sorted(lifecycle.touched)
-                for s in (lifecycle.states[(rule, key)],)
-            ], _STATES)
+        # Rows that exist are updated and new ones inserted, each only when there are any:
+        # the batch knows which is which (what _load_states read, what the lifecycle created),
+        # and an UPDATE ... FROM costs a fraction of an INSERT ... ON CONFLICT DO UPDATE.
+        states = [{"rule": rule, "group_key": key, "consecutive_failures": s.failures,
+                   "consecutive_passes": s.passes, "held": s.held}
+                  for (rule, key) in sorted(lifecycle.touched)
+                  for s in (lifecycle.states[(rule, key)],)]
+        stored = [row for row in states if (row["rule"], row["group_key"]) in stored_streaks]
+        if stored:
+            names.append("stored_states")
+            table(db, "stored_states", stored, STATES)
             db.execute(
-                "INSERT INTO rule_state SELECT * FROM incoming_states ON CONFLICT (rule, "
-                "group_key) DO UPDATE SET consecutive_failures = excluded.consecutive_failures, "
-                "consecutive_passes = excluded.consecutive_passes, held = excluded.held")
-        if lifecycle.changed:
-            names.append("incoming_incidents")
-            _table(db, "incoming_incidents", [_incident_row(i) for i in
-                                              lifecycle.changed.values()], _INCIDENTS)
+                "UPDATE rule_state SET consecutive_failures = s.consecutive_failures, "
+                "consecutive_passes = s.consecutive_passes, held = s.held FROM stored_states s "
+                "WHERE rule_state.rule = s.rule AND rule_state.group_key = s.group_key")
+        if len(stored) < len(states):
+            names.append("new_states")
+            table(db, "new_states", [row for row in states if row not in stored], STATES)
+            db.execute("INSERT INTO rule_state SELECT * FROM new_states")
+        changed = [_incident_row(i) for i in lifecycle.changed.values()]
+        if updated := [row for row in changed if row["id"] not in lifecycle.created]:
+            names.append("changed_incidents")
+            table(db, "changed_incidents", updated, INCIDENTS)
             db.execute(
-                f"INSERT INTO incidents ({INCIDENT_COLUMNS}) SELECT * FROM incoming_incidents "
-                "ON CONFLICT (id) DO UPDATE SET status = excluded.status, "
-                "last_failure_at = excluded.last_failure_at, "
-                "failure_count = excluded.failure_count, summary = excluded.summary, "
-                "resolved_at = excluded.resolved_at, acknowledged_at = excluded.acknowledged_at,"
-                " episode_started_at = excluded.episode_started_at")
+                "UPDATE incidents SET status = c.status, last_failure_at = c.last_failure_at, "
+                "failure_count = c.failure_count, summary = c.summary, "
+                "resolved_at = c.resolved_at, acknowledged_at = c.acknowledged_at, "
+                "episode_started_at = c.episode_started_at FROM changed_incidents c "
+                "WHERE incidents.id = c.id")
+        if len(updated) < len(changed):
+            names.append("new_incidents")
+            table(db, "new_incidents", [row for row in changed
+                                         if row["id"] in lifecycle.created], INCIDENTS)
+            db.execute(f"INSERT INTO incidents ({INCIDENT_COLUMNS}) SELECT * FROM new_incidents")
         if failures:
             names.append("incoming_failures")
-            _table(db, "incoming_failures", failures, _FAILURES)
+            table(db, "incoming_failures", failures, FAILURES)
             db.execute("INSERT INTO incident_failures SELECT * FROM incoming_failures")
         if lifecycle.attached:
             names.append("incoming_attached")
-            _table(db, "incoming_attached", [{"run_id": r, "incident_id": i}
-                                             for r, i in lifecycle.attached], _ATTACHED)
+            table(db, "incoming_attached", [{"run_id": r, "incident_id": i}
+                                             for r, i in lifecycle.attached], ATTACHED)
             # Failures held back by open_after in earlier batches join their incident now.
             new = {f["run_id"] for f in failures}
             earlier = [r for r, _ in lifecycle.attached if r not in new]
@@ -404,22 +371,22 @@ def _write_lifecycle(
                        "WHERE runs.id = a.run_id")
         if lifecycle.transitions:
             names.append("incoming_events")
-            _table(db, "incoming_events", [
+            table(db, "incoming_events", [
                 {"incident_id": t.incident_id, "occurred_at": t.at, "kind": t.kind,
                  "actor": t.actor, "comment": t.comment} for t in lifecycle.transitions
-            ], _EVENTS)
+            ], EVENTS)
             db.execute("INSERT INTO incident_events SELECT * FROM incoming_events")
             outbox = outbox_rows(lifecycle.transitions, targets)
             if outbox:
                 names.append("incoming_outbox")
-                _table(db, "incoming_outbox", outbox, _OUTBOX)
+                table(db, "incoming_outbox", outbox, OUTBOX)
                 db.execute(
                     "INSERT INTO outbox (incident_id, transition, target, route, payload, "
                     "status, created_at, next_attempt_at) SELECT incident_id, transition, "
                     "target, route, payload, 'pending', created_at, created_at "
                     "FROM incoming_outbox")
     finally:
-        _unregister(db, *names)
+        unregister(db, *names)
 
 
 def _incident_row(incident: Incident) -> dict[str, Any]:
@@ -473,22 +440,21 @@ def _record_late(db: duckdb.DuckDBPyConnection, late: list[LateOutcome]) -> None
                            "comment": f"{event.outcome} arrived after run {event.run_id} "
                                       "failed"})
     if updates:
-        _table(db, "incoming_late", [{"id": run_id, "outcomes": outcomes, "at": at}
-                                     for run_id, (outcomes, at) in updates.items()], _LATE)
+        table(db, "incoming_late", [{"id": run_id, "outcomes": outcomes, "at": at}
+                                     for run_id, (outcomes, at) in updates.items()], LATE)
         try:
             db.execute("UPDATE runs SET late_outcomes = l.outcomes, late_at = l.at FROM "
                        "incoming_late l WHERE runs.id = l.id")
         finally:
-            _unregister(db, "incoming_late")
+            unregister(db, "incoming_late")
     if events:
-        _table(db, "incoming_late_events", events, _EVENTS)
+        table(db, "incoming_late_events", events, EVENTS)
         try:
             db.execute("INSERT INTO incident_events SELECT * FROM incoming_late_events")
         finally:
-            _unregister(db, "incoming_late_events")
+            unregister(db, "incoming_late_events")
 
 
-_AT_RISK = pa.schema([("id", pa.string()), ("at_risk", pa.string())])
 MAX_AT_RISK_STORED = 10  # near misses kept per run
 
 
@@ -501,10 +467,10 @@ def _record_at_risk(db: duckdb.DuckDBPyConnection, events: list[RunAtRisk]) -> N
         spans = current.get(event.run_id)
         if spans is not None and len(spans) < MAX_AT_RISK_STORED:
             spans.append({"name": event.span, "status_message": event.status_message})
-    _table(db, "incoming_at_risk", [{"id": run_id, "at_risk": jsonsafe.dumps(spans)}
-                                    for run_id, spans in current.items()], _AT_RISK)
+    table(db, "incoming_at_risk", [{"id": run_id, "at_risk": jsonsafe.dumps(spans)}
+                                    for run_id, spans in current.items()], AT_RISK)
     try:
         db.execute("UPDATE runs SET at_risk = r.at_risk FROM incoming_at_risk r "
                    "WHERE runs.id = r.id")
     finally:
-        _unregister(db, "incoming_at_risk")
+        unregister(db, "incoming_at_risk")
