@@ -32,7 +32,7 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 
 from outcomewatch.offline.replay import queries, render_replay, replay
-from outcomewatch.otlp import resource_id
+from outcomewatch.otlp_decode import resource_id
 from outcomewatch.rules import load_rules
 from outcomewatch.store.schema import DDL
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "outcomewatch"
-LEAVES = {"model", "errors", "durations", "clock", "otlp", "otlp_limits", "otlp_probe", "jsonsafe",
-          "metrics", "__version__", "incident_file", "listeners", "lifecycle"}
+LEAVES = {"model", "errors", "durations", "clock", "otlp", "otlp_decode", "otlp_limits",
+          "otlp_probe", "jsonsafe", "metrics", "__version__", "incident_file", "listeners",
+          "lifecycle"}
 ALLOWED = {
     "rules": LEAVES,
     "store": LEAVES,

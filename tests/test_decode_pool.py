@@ -87,6 +87,7 @@ def same(a: SpanBatch, b: SpanBatch) -> None:
     assert [a.trace_id_of(i) for i in range(len(a))] == [b.trace_id_of(i) for i in range(len(b))]
     assert a.linked() == b.linked()
     assert [a.decode(i) for i in range(len(a))] == [b.decode(i) for i in range(len(b))]
+    assert a.decode_many(list(range(len(a)))[::-1]) == [b.decode(i) for i in range(len(b))][::-1]
     assert [a.link_targets(i) for i in a.linked()] == [b.link_targets(i) for i in b.linked()]
 
 

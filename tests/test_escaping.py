@@ -41,7 +41,8 @@ from outcomewatch.config import load_config
 from outcomewatch.incidents import Notifier
 from outcomewatch.incidents.lifecycle import group_key
 from outcomewatch.model import FailureReason, RunFailed, Span
-from outcomewatch.otlp import batch_from_request, decode_stored_span
+from outcomewatch.otlp import batch_from_request
+from outcomewatch.otlp_decode import decode_stored_span
 from outcomewatch.rules import Rule
 from outcomewatch.rules.load import load_rules
 from outcomewatch.rules.policy import policy_of

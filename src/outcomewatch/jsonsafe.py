@@ -24,5 +24,11 @@ def _finite(value: Any) -> Any:
 
 def dumps(value: Any, *, sort_keys: bool = False) -> str:
     """``json.dumps`` that always yields strict JSON (objects it cannot encode become str)."""
-    return json.dumps(_finite(value), ensure_ascii=False, default=str, allow_nan=False,
-                      sort_keys=sort_keys)
+    try:
+        # Almost every value is finite: encoded in C as it is. Only a refusal (a NaN or an
+        # infinity somewhere) pays for the copy that _finite makes in Python.
+        return json.dumps(value, ensure_ascii=False, default=str, allow_nan=False,
+                          sort_keys=sort_keys)
+    except ValueError:
+        return json.dumps(_finite(value), ensure_ascii=False, default=str, allow_nan=False,
+                          sort_keys=sort_keys)

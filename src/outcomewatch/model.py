@@ -134,14 +134,21 @@ def search_keys(attributes: Mapping[str, AttributeValue]) -> tuple[tuple[str, st
     """The attribute values worth finding a run by: strings, ints and bools, as text."""
     keys: list[tuple[str, str]] = []
     for key, value in attributes.items():
-        if isinstance(value, bool):
-            continue  # true/false finds nothing in particular
-        if isinstance(value, str | int) and value != "":
+        # Exact types first (what OTLP decoding gives): called for every trigger, this loop
+        # was a tenth of the event loop's time with isinstance against a union.
+        text: str
+        if type(value) is str:
+            text = value
+        elif type(value) is int:
             text = str(value)
-            if len(text) <= MAX_SEARCH_VALUE:
-                keys.append((key, text))
-                if len(keys) >= MAX_SEARCH_KEYS:
-                    break
+        elif isinstance(value, bool) or not isinstance(value, str | int):
+            continue  # true/false finds nothing in particular
+        else:
+            text = str(value)
+        if text and len(text) <= MAX_SEARCH_VALUE:
+            keys.append((key, text))
+            if len(keys) >= MAX_SEARCH_KEYS:
+                break
     return tuple(keys)
 
 

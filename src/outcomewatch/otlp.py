@@ -6,28 +6,30 @@ are decoded per span, on demand (``SpanBatch.decode``), only for the few spans a
 needs. Decoding every attribute of every span in Python would cap ingest near 50k spans/s
 (see shared/design/PERFORMANCE.md). The SpanLimits checks keep to that rule: see
 ``batch_from_request``; the exact, slow checks are in otlp_limits.py, the message types that
-read a request at C speed in otlp_probe.py.
+read a request at C speed in otlp_probe.py, protobuf to model values in otlp_decode.py.
 
 Values are named by representation: ``pb_span`` is a protobuf message, ``span`` a model.Span.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-from collections.abc import Collection, Iterable
+from collections.abc import Collection
 from dataclasses import dataclass, field, fields
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 
 from outcomewatch.errors import InvalidPayload
-from outcomewatch.model import AttributeValue, Span, SpanEvent, SpanLink, SpanStatus
+from outcomewatch.model import AttributeValue, Span
+from outcomewatch.otlp_decode import (
+    attributes,
+    decode_span,
+    resource_attributes,
+    resource_id,
+)
 from outcomewatch.otlp_limits import (
     DEFAULT_LIMITS,
     MAX_TIME_NS,
@@ -41,66 +43,6 @@ from outcomewatch.otlp_limits import (
 )
 from outcomewatch.otlp_probe import probe, raw_spans
 
-
-def any_value(pb_value: AnyValue) -> AttributeValue:
-    """An OTLP AnyValue as plain Python (bytes become base64 text, as in OTLP/JSON)."""
-    kind = pb_value.WhichOneof("value")
-    if kind is None:
-        return None
-    if kind == "array_value":
-        return [any_value(v) for v in pb_value.array_value.values]
-    if kind == "kvlist_value":
-        return attributes(pb_value.kvlist_value.values)
-    if kind == "bytes_value":
-        return base64.b64encode(pb_value.bytes_value).decode("ascii")
-    value: AttributeValue = getattr(pb_value, kind)
-    return value
-
-
-def attributes(pb_attributes: Iterable[KeyValue]) -> dict[str, AttributeValue]:
-    return {kv.key: any_value(kv.value) for kv in pb_attributes}
-
-
-def decode_span(
-    pb_span: PbSpan, resource: dict[str, AttributeValue], *, scope: str = ""
-) -> Span:
-    """A protobuf span (with its decoded resource attributes) as a model.Span."""
-    service = resource.get("service.name")
-    return Span(
-        trace_id=pb_span.trace_id.hex(),
-        span_id=pb_span.span_id.hex(),
-        parent_span_id=pb_span.parent_span_id.hex(),
-        name=pb_span.name,
-        service=service if isinstance(service, str) else "",
-        kind=pb_span.kind,
-        start_ns=pb_span.start_time_unix_nano,
-        end_ns=pb_span.end_time_unix_nano,
-        status=SpanStatus.from_code(pb_span.status.code),
-        status_message=pb_span.status.message,
-        attributes=attributes(pb_span.attributes),
-        resource=resource,
-        events=tuple(
-            SpanEvent(e.name, e.time_unix_nano, attributes(e.attributes)) for e in pb_span.events
-        ),
-        links=tuple(
-            SpanLink(link.trace_id.hex(), link.span_id.hex(), attributes(link.attributes))
-            for link in pb_span.links
-        ),
-        scope=scope,
-    )
-
-
-def resource_attributes(raw_resource: bytes) -> dict[str, AttributeValue]:
-    """The attributes of a serialised Resource (b"": an empty one)."""
-    resource = Resource.FromString(raw_resource) if raw_resource else Resource()
-    return attributes(resource.attributes)
-
-
-def decode_stored_span(raw: bytes, raw_resource: bytes, *, scope: str = "") -> Span:
-    """A span as stored (its serialised protobuf and its resource's) as a model.Span."""
-    return decode_span(PbSpan.FromString(raw), resource_attributes(raw_resource), scope=scope)
-
-
 # A span as the store keeps it: the columns of the spans table (store/schema.py), in order.
 SPAN_COLUMNS = pa.schema([
     ("trace_id", pa.string()), ("span_id", pa.string()), ("parent_span_id", pa.string()),
@@ -109,11 +51,6 @@ SPAN_COLUMNS = pa.schema([
     ("status_code", pa.int8()), ("status_message", pa.string()), ("received_ns", pa.int64()),
     ("span", pa.binary()), ("resource_id", pa.int64()),
 ])
-
-
-def resource_id(raw_resource: bytes) -> int:
-    """A stable 63-bit id for a serialised resource (the same bytes, the same id, any process)."""
-    return int.from_bytes(hashlib.blake2b(raw_resource, digest_size=8).digest(), "big") >> 1
 
 
 @dataclass
@@ -213,13 +150,26 @@ class SpanBatch:
             return decode_span(self._pb_spans[i], self._resources[self._resource_of[i]],
                                scope=self.scope[i])
         table = self._table
-        rid = table.column("resource_id")[i].as_py()
+        return decode_span(PbSpan.FromString(table.column("span")[i].as_py()),
+                           self._resource(table.column("resource_id")[i].as_py()),
+                           scope=table.column("scope")[i].as_py())
+
+    def decode_many(self, positions: list[int]) -> list[Span]:
+        """``decode(i)`` for each of ``positions``: from the table, its columns are read once
+        for all of them rather than a scalar at a time."""
+        if self._table is None or not positions:
+            return [self.decode(i) for i in positions]
+        picked = self._table.select(["span", "resource_id", "scope"]).take(positions)
+        return [decode_span(PbSpan.FromString(raw), self._resource(rid), scope=scope)
+                for raw, rid, scope in zip(*(c.to_pylist() for c in picked.columns),
+                                           strict=True)]
+
+    def _resource(self, rid: int) -> dict[str, AttributeValue]:
         resource = self._decoded_resources.get(rid)
         if resource is None:
             resource = self._decoded_resources[rid] = resource_attributes(
                 self._raw_resources[rid])
-        return decode_span(PbSpan.FromString(table.column("span")[i].as_py()), resource,
-                           scope=table.column("scope")[i].as_py())
+        return resource
 
     def linked(self) -> frozenset[int]:
         """The positions of the spans that carry links (to other traces, or their own)."""

@@ -47,7 +47,8 @@ from outcomewatch.model import (
     RunOpened,
     RunPassed,
 )
-from outcomewatch.otlp import SpanBatch, decode_stored_span
+from outcomewatch.otlp import SpanBatch
+from outcomewatch.otlp_decode import decode_stored_span
 from outcomewatch.rules import RuleSet
 from outcomewatch.rules.policy import policy_of
 from outcomewatch.store.verdicts import Judged, VerdictBatch

@@ -249,6 +249,7 @@ class Engine:
         wanted = {name for name in batch.names()
                   if (interest_of(name) or self._interest_in(name)) is not NO_INTEREST}
         named = dict(batch.spans_named(wanted))
+        decoded = dict(zip(named, batch.decode_many(list(named)), strict=True))
         linked = batch.linked() if self._correlation is not None else frozenset()
         for i in sorted(named.keys() | linked) if linked else named:
             name = named.get(i)
@@ -256,7 +257,7 @@ class Engine:
                 self._link(batch.trace_id_of(i), batch.link_targets(i), now, events)
                 continue
             interest = interest_of(name) or self._interest_in(name)
-            self._observe_span(batch.decode(i), interest, batch.received_ns, now, events)
+            self._observe_span(decoded[i], interest, batch.received_ns, now, events)
         self._enforce_budget(now, events)
         return events
 

@@ -19,7 +19,7 @@ import duckdb
 from outcomewatch import incident_file
 from outcomewatch.errors import StoreError
 from outcomewatch.model import IncidentStatus, RunStatus, Severity, Span
-from outcomewatch.otlp import decode_stored_span
+from outcomewatch.otlp_decode import decode_stored_span
 from outcomewatch.store import traces
 from outcomewatch.store.rows import (
     FAILURES_SQL,
