@@ -392,7 +392,7 @@ class Engine:
         live.had_run = True
         live.held += 1
         self._held += 1
-        cost = RUN_BYTES + span_bytes(trigger)
+        cost = run.cost = RUN_BYTES + span_bytes(trigger)
         live.bytes += cost
         self._bytes += cost
         self._open += 1
@@ -439,7 +439,7 @@ class Engine:
         del live.runs[run.run_id]
         live.held -= 1
         self._held -= 1
-        cost = RUN_BYTES + span_bytes(run.trigger)
+        cost = run.cost
         live.bytes -= cost
         self._bytes -= cost
         self._open -= 1

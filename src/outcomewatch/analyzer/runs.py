@@ -71,7 +71,12 @@ def span_bytes(span: Span) -> int:
 
 
 def _mapping_bytes(values: Mapping[str, AttributeValue]) -> int:
-    return sum(_ENTRY_BYTES + len(key) + _value_bytes(value) for key, value in values.items())
+    # Strings first, by exact type: most values are, and this runs for every span kept.
+    size = _ENTRY_BYTES * len(values)
+    for key, value in values.items():
+        size += len(key) + (_STR_BYTES + len(value) if type(value) is str
+                            else _value_bytes(value))
+    return size
 
 
 def _value_bytes(value: AttributeValue) -> int:
@@ -294,6 +299,7 @@ class OpenRun:
     forbidden: Span | None = None
     linked: set[str] | None = None  # other traces linked to the trigger's (None: none yet)
     at_risk: int = 0  # RunAtRisk events given (bounded by MAX_AT_RISK)
+    cost: int = 0  # the bytes the engine's budget counts for the run while it is open
 
     @property
     def trace_id(self) -> str:
