@@ -458,6 +458,8 @@ def batch_from_request(
             or len(probe_of_all.f13) > limits.max_links_per_span
         ):
             _recheck(batch, request, limits, deep=False, skipped=skipped)
+        elif not probe_of_all.f13:
+            batch._linked = frozenset()  # no span of the request links: none to look for
     return batch
 
 
