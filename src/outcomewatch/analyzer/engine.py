@@ -6,8 +6,10 @@ Contract
   it decided, in order (a run's RunOpened before its verdict): RunOpened, RunPassed, RunFailed,
   LateOutcome. All synchronous, no I/O, time read only from the injected clock.
 - Only spans whose *name* some selector (trigger, expect or forbid) can match are decoded; the
-  rest cost a dictionary lookup (plus, when some rule has ``correlate``, a look at whether the
-  span has links). The decision is cached per distinct span name.
+  rest cost no Python step of their own: each distinct name of a batch is looked up once (the
+  decision is cached per name) and the batch finds the positions of the names that matter
+  (``SpanBatch.spans_named``, in Arrow for a worker's batch). When some rule has ``correlate``,
+  the spans with links are visited too.
 
 Runs
 - A span matching a rule's ``trigger`` opens one run per (rule, trigger span): the run id is
