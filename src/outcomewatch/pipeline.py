@@ -8,10 +8,10 @@ recovery rely on it), whatever order the decode workers returned the exports in.
 ``tick()`` advances the engine's time, and everything the engine decided since the last tick
 (observed and ticked) goes to the writer as one VerdictBatch (store/verdicts.py writes it
 set-based, applying the incident lifecycle): a batch costs a fixed handful of statements, so
-batching per tick (100 ms in the server) rather than per export is what keeps rule-matching
-traffic near the speed of the rest. ``tick()`` is synchronous and callable directly, so tests
-drive it instead of waiting for the server's loop, which only schedules it; ``flush()`` writes
-what is pending without advancing time.
+batching per tick (200 ms in the server, see server.Settings.tick) rather than per export is
+what keeps rule-matching traffic near the speed of the rest. ``tick()`` is synchronous and
+callable directly, so tests drive it instead of waiting for the server's loop, which only
+schedules it; ``flush()`` writes what is pending without advancing time.
 
 The writer is FIFO, so batches are stored in the engine's order: a run's opening before its
 verdict, a pass never before an earlier failure of the same rule, a late outcome after its
