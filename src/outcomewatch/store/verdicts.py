@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -323,7 +323,8 @@ def _write_lifecycle(
                    "consecutive_passes": s.passes, "held": s.held}
                   for (rule, key) in sorted(lifecycle.touched)
                   for s in (lifecycle.states[(rule, key)],)]
-        stored = [row for row in states if (row["rule"], row["group_key"]) in stored_streaks]
+        stored, fresh = _split(states,
+                               lambda row: (row["rule"], row["group_key"]) in stored_streaks)
         if stored:
             names.append("stored_states")
             table(db, "stored_states", stored, STATES)
@@ -331,12 +332,13 @@ def _write_lifecycle(
                 "UPDATE rule_state SET consecutive_failures = s.consecutive_failures, "
                 "consecutive_passes = s.consecutive_passes, held = s.held FROM stored_states s "
                 "WHERE rule_state.rule = s.rule AND rule_state.group_key = s.group_key")
-        if len(stored) < len(states):
+        if fresh:
             names.append("new_states")
-            table(db, "new_states", [row for row in states if row not in stored], STATES)
+            table(db, "new_states", fresh, STATES)
             db.execute("INSERT INTO rule_state SELECT * FROM new_states")
-        changed = [_incident_row(i) for i in lifecycle.changed.values()]
-        if updated := [row for row in changed if row["id"] not in lifecycle.created]:
+        updated, created = _split([_incident_row(i) for i in lifecycle.changed.values()],
+                                  lambda row: row["id"] not in lifecycle.created)
+        if updated:
             names.append("changed_incidents")
             table(db, "changed_incidents", updated, INCIDENTS)
             db.execute(
@@ -345,10 +347,9 @@ def _write_lifecycle(
                 "resolved_at = c.resolved_at, acknowledged_at = c.acknowledged_at, "
                 "episode_started_at = c.episode_started_at FROM changed_incidents c "
                 "WHERE incidents.id = c.id")
-        if len(updated) < len(changed):
+        if created:
             names.append("new_incidents")
-            table(db, "new_incidents", [row for row in changed
-                                         if row["id"] in lifecycle.created], INCIDENTS)
+            table(db, "new_incidents", created, INCIDENTS)
             db.execute(f"INSERT INTO incidents ({INCIDENT_COLUMNS}) SELECT * FROM new_incidents")
         if failures:
             names.append("incoming_failures")
@@ -387,6 +388,16 @@ def _write_lifecycle(
                     "FROM incoming_outbox")
     finally:
         unregister(db, *names)
+
+
+def _split(rows: list[dict[str, Any]], stored: Callable[[dict[str, Any]], bool],
+           ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``rows`` as (those already stored, the new ones), each in order."""
+    kept: list[dict[str, Any]] = []
+    new: list[dict[str, Any]] = []
+    for row in rows:
+        (kept if stored(row) else new).append(row)
+    return kept, new
 
 
 def _incident_row(incident: Incident) -> dict[str, Any]:
